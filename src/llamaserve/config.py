@@ -1,0 +1,198 @@
+"""Engine configuration: `EngineArgs` (what a user sets) and the validated parts it resolves into.
+
+`EngineArgs` is the one flat dataclass that CLI flags and YAML files map onto. `create_engine_config()` resolves
+the model (checkpoint directory, GGUF file, dummy preset, or the bundled default), the device and dtypes, and
+returns an `EngineConfig` of small dataclasses (model, cache, scheduler, parallel). Every check raises
+`ConfigError` naming the option and the fix; nothing is silently adjusted.
+
+Decisions (where the issue is silent):
+- `dtype: auto` is float32 on CPU (fast and exact there) and bfloat16 on CUDA.
+- `max_seq_len: None` means the model's `max_position_embeddings`; a larger value is an error.
+- On CPU the KV cache takes `kv_cache_free_gpu_memory_fraction` of available RAM, capped at `cpu_kv_cache_gib`
+  (4 GiB, like vLLM's CPU backend), unless `num_kv_blocks` pins the block count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and how to fix it."""
+
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8", "fp8_e4m3")
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DEVICES = ("auto", "cuda", "cpu")
+KERNEL_BACKENDS = ("auto", "torch")  # "triton" joins when the GPU kernels land
+
+
+def _choice(name: str, value: Any, choices: tuple | dict) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}.")
+
+
+@dataclass
+class ModelConfig:
+    """The resolved model: where weights come from, the HF config, dtype and context length."""
+
+    model: str
+    tokenizer: str | None
+    load_format: str  # resolved: safetensors | gguf | dummy
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    max_seq_len: int
+    seed: int
+    gguf_file: str | None = None
+    quantization: str | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_seq_len
+
+
+@dataclass
+class CacheConfig:
+    """KV cache layout: block size, storage dtype and how much memory it may take."""
+
+    block_size: int
+    kv_cache_dtype: torch.dtype
+    kv_cache_free_gpu_memory_fraction: float
+    enable_prefix_caching: bool
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_gib: float = 4.0
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step limits of the scheduler."""
+
+    max_batch_size: int
+    max_num_tokens: int
+    max_seq_len: int
+    enable_chunked_prefill: bool
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1
+    tp_rank: int = 0
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    device: torch.device
+    kernel_backend: str
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user can set on the engine. Field names follow TensorRT-LLM/vLLM vocabulary."""
+
+    model: str | None = None  # path, .gguf file, dummy preset name, or None for the bundled SmolLM2
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    quantization: str | None = None
+    max_batch_size: int = 256
+    max_num_tokens: int = 8192
+    max_seq_len: int | None = None
+    kv_cache_free_gpu_memory_fraction: float = 0.9
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_gib: float = 4.0
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    seed: int = 0
+    tp_size: int = 1
+    kernel_backend: str = "auto"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def _validate_scalars(self) -> None:
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        if self.quantization not in (None, "none"):
+            raise ConfigError(f"quantization={self.quantization!r} is not supported yet; leave it unset "
+                              "(FP8/NVFP4 arrive with the Hopper fast path).")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size={self.max_batch_size} must be at least 1.")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ConfigError(f"block_size={self.block_size} must be a power of two between 1 and 256 (e.g. 16).")
+        if self.max_num_tokens < self.block_size:
+            raise ConfigError(f"max_num_tokens={self.max_num_tokens} is smaller than block_size={self.block_size}; "
+                              f"set max_num_tokens to at least {self.block_size} (e.g. 8192).")
+        if not 0.0 < self.kv_cache_free_gpu_memory_fraction <= 1.0:
+            raise ConfigError(f"kv_cache_free_gpu_memory_fraction={self.kv_cache_free_gpu_memory_fraction} must be "
+                              "in (0, 1]; e.g. 0.9 gives the KV cache 90% of the memory left after the weights.")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1, or unset to size the cache "
+                              "from kv_cache_free_gpu_memory_fraction.")
+        if self.tp_size != 1:
+            raise ConfigError(f"tp_size={self.tp_size}: tensor parallelism is not implemented yet; use tp_size=1.")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"max_seq_len={self.max_seq_len} must be at least 2 (one prompt + one output token).")
+
+    def _resolve_device(self) -> torch.device:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def create_engine_config(self) -> EngineConfig:
+        from llamaserve.loader.source import resolve_model_source
+
+        self._validate_scalars()
+        device = self._resolve_device()
+        source = resolve_model_source(self.model, self.load_format)
+        hf_config = source.hf_config
+        model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+        max_seq_len = self.max_seq_len or model_max
+        if model_max and max_seq_len > model_max:
+            raise ConfigError(f"max_seq_len={max_seq_len} is larger than the model's max_position_embeddings="
+                              f"{model_max}; set max_seq_len to {model_max} or less.")
+        if not self.enable_chunked_prefill and self.max_num_tokens < max_seq_len:
+            raise ConfigError(f"max_num_tokens={self.max_num_tokens} < max_seq_len={max_seq_len} with chunked prefill "
+                              "off: a long prompt could never be scheduled. Enable chunked prefill or raise "
+                              "max_num_tokens to max_seq_len.")
+        dtype = DTYPES[self.dtype]
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        if self.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+            kv_dtype = torch.float8_e4m3fn
+        elif self.kv_cache_dtype in ("bf16", "bfloat16"):
+            kv_dtype = torch.bfloat16
+        else:
+            kv_dtype = dtype
+        model_config = ModelConfig(
+            model=source.path, tokenizer=self.tokenizer or source.tokenizer, load_format=source.load_format,
+            hf_config=hf_config, dtype=dtype, max_seq_len=max_seq_len, seed=self.seed,
+            gguf_file=source.gguf_file, quantization=None)
+        cache_config = CacheConfig(
+            block_size=self.block_size, kv_cache_dtype=kv_dtype,
+            kv_cache_free_gpu_memory_fraction=self.kv_cache_free_gpu_memory_fraction,
+            enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib)
+        scheduler_config = SchedulerConfig(
+            max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens, max_seq_len=max_seq_len,
+            enable_chunked_prefill=self.enable_chunked_prefill)
+        return EngineConfig(model_config, cache_config, scheduler_config, ParallelConfig(self.tp_size, 0),
+                            device, "torch" if self.kernel_backend == "auto" else self.kernel_backend)

@@ -1,0 +1,1 @@
+"""The CPU side of the engine: requests, KV block accounting, scheduling, the step loop, detokenizing."""

@@ -1,0 +1,111 @@
+"""Attention over the paged KV cache, and `ForwardBatch`, the one description of a step a model sees.
+
+The KV cache of a layer is `kv_cache`: [2, num_slots, num_kv_heads, head_dim], num_slots = num_blocks *
+block_size, in the cache dtype (model dtype, bf16, or float8_e4m3fn with per-layer scales `k_scale`/`v_scale`:
+stored = value / scale). Token t of a step is written to slot `slot_mapping[t]`; request i reads its context
+through `block_tables[i]`. A step mixes prefills, prefill chunks and decodes: request i contributes
+`query_lens[i]` new tokens at the end of a context of `seq_lens[i]` tokens (causal within the context).
+
+Backends: "torch" (the reference, any device) is here; GPU kernels register under their own names later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ForwardBatch:
+    """Tensors and host-side lists for one model step; built by the model runner."""
+
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64, KV slot each new token is written to
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int64
+    seq_lens: torch.Tensor  # [num_reqs] context length including this step's tokens
+    query_start_loc: torch.Tensor  # [num_reqs + 1] cu_seqlens_q
+    seq_lens_cpu: list[int]
+    query_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def _as_storage(x: torch.Tensor) -> torch.Tensor:
+    # NOTE: index_put is not implemented for float8 on every device; byte views work everywhere.
+    return x.view(torch.uint8) if x.dtype.itemsize == 1 else x
+
+
+def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: float, v_scale: float) -> None:
+    """k, v: [T, Hkv, D] -> kv_cache[0/1, slot_mapping]."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        k = (k.float() / k_scale).clamp(-fmax, fmax)
+        v = (v.float() / v_scale).clamp(-fmax, fmax)
+    storage = _as_storage(kv_cache)
+    storage[0, slot_mapping] = _as_storage(k.to(kv_cache.dtype))
+    storage[1, slot_mapping] = _as_storage(v.to(kv_cache.dtype))
+
+
+def read_kv_torch(kv_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, k_scale: float,
+                  v_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather [len(slots), Hkv, D] keys and values in `dtype`, dequantized."""
+    kv = _as_storage(kv_cache)[:, slots].view(kv_cache.dtype)
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        return (kv[0].float() * k_scale).to(dtype), (kv[1].float() * v_scale).to(dtype)
+    return kv[0].to(dtype), kv[1].to(dtype)
+
+
+def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+                          k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Reference attention. q: [T, Hq, D] -> out: [T, Hq, D], causal over each request's paged context."""
+    out = torch.empty_like(q)
+    num_q_heads, num_kv_heads = q.shape[1], kv_cache.shape[2]
+    bs = batch.block_size
+    offsets = torch.arange(bs, device=q.device)
+    start = 0
+    for i, (ctx, qlen) in enumerate(zip(batch.seq_lens_cpu, batch.query_lens_cpu)):
+        blocks = batch.block_tables[i, : (ctx + bs - 1) // bs]
+        slots = (blocks[:, None] * bs + offsets).flatten()[:ctx]
+        k, v = read_kv_torch(kv_cache, slots, q.dtype, k_scale, v_scale)  # [ctx, Hkv, D]
+        qi = q[start : start + qlen].transpose(0, 1)  # [Hq, qlen, D]
+        k = k.transpose(0, 1).repeat_interleave(num_q_heads // num_kv_heads, dim=0)  # [Hq, ctx, D]
+        v = v.transpose(0, 1).repeat_interleave(num_q_heads // num_kv_heads, dim=0)
+        q_pos = torch.arange(ctx - qlen, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, ctx]
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
+        out[start : start + qlen] = o.transpose(0, 1)
+        start += qlen
+    return out
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the layer's paged cache, then attends over it."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 backend: str = "torch") -> None:
+        super().__init__()
+        if backend != "torch":
+            raise ValueError(f"attention backend {backend!r} is not available; use 'torch'")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.kv_cache: torch.Tensor | None = None  # bound by the model runner
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, Hq * D]; k, v: [T, Hkv * D] -> [T, Hq * D]."""
+        if self.kv_cache is None:
+            raise RuntimeError("Attention.kv_cache is not bound; the model runner binds it before the first step")
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        write_kv_torch(self.kv_cache, k, v, batch.slot_mapping, self.k_scale, self.v_scale)
+        out = paged_attention_torch(q, self.kv_cache, batch, self.scale, self.k_scale, self.v_scale)
+        return out.reshape(t, self.num_heads * self.head_dim)
