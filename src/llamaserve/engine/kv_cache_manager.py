@@ -127,10 +127,11 @@ class KVCacheManager:
             # NOTE: registering before the step runs is safe: the blocks are written in this very step, and a
             # request that hits them is scheduled after this one, within the same forward pass.
             start = self.num_registered.get(request.request_id, 0)
+            num_full = total // self.block_size
             hashes = self._block_hashes(request, total)
-            for i in range(start, len(hashes)):
+            for i in range(start, num_full):
                 self.pool.register(blocks[i], hashes[i])
-            self.num_registered[request.request_id] = len(hashes)
+            self.num_registered[request.request_id] = max(start, num_full)
         return new_blocks
 
     def free(self, request: Request) -> None:

@@ -1,0 +1,96 @@
+"""Greedy tokens and logits agree with Hugging Face transformers in float32, through every scheduling path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llamaserve import LLM, SamplingParams
+from llamaserve.layers.attention import ForwardBatch
+from tests.conftest import LONG_TEXT
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                             dtype=torch.long), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=model.config.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """All-position logits of one prompt, run through the engine's model and paged cache."""
+    runner = llm.engine.runner
+    bs = runner.block_size
+    n = len(ids)
+    nb = -(-n // bs)
+    assert nb <= runner.num_blocks
+    pos = torch.arange(n)
+    batch = ForwardBatch(pos, pos.clone(), torch.arange(nb)[None], torch.tensor([n]), torch.tensor([0, n]),
+                         [n], [n], bs)
+    with torch.inference_mode():
+        return runner.model.compute_logits(runner.model(torch.tensor(ids), pos, batch))
+
+
+def test_smollm2_greedy_parity_chunked_and_preempted(smollm2_dir, hf_smollm2):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = ["Hi", "The capital of France is", "def quicksort(arr):\n", LONG_TEXT * 2, LONG_TEXT * 6,
+             LONG_TEXT * 25]
+    prompts = [tok.encode(t) for t in texts]
+    prompts[0] = prompts[0][:1]  # a 1-token prompt
+    lengths = [len(p) for p in prompts]
+    assert lengths[0] == 1 and lengths[-1] > 1500, lengths
+    # room for every prompt but not for their outputs: decodes must preempt the newest request
+    num_blocks = sum(-(-n // 16) for n in lengths) + 1
+    llm = LLM(str(smollm2_dir), max_seq_len=2048, max_num_tokens=256, num_kv_blocks=num_blocks, block_size=16,
+              enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert llm.engine.scheduler.num_preemptions > 0, "the tiny cache should have forced a preemption"
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf_smollm2, p, 12), f"prompt of {len(p)} tokens"
+    assert llm.engine.kv_cache_manager.num_free_blocks == llm.engine.runner.num_blocks
+
+
+def test_smollm2_prefill_logits(smollm2_dir, hf_smollm2):
+    llm = LLM(str(smollm2_dir), max_seq_len=1024, num_kv_blocks=64)
+    ids = llm.tokenizer.encode(LONG_TEXT * 3)
+    ours = prefill_logits(llm, ids)
+    with torch.no_grad():
+        ref = hf_smollm2(torch.tensor([ids])).logits[0].float()
+    assert ours.shape == ref.shape
+    rel = (ours - ref).abs().max() / ref.abs().max()
+    assert rel < 1e-4, rel
+
+
+def test_tiny_llama3_untied_parity(tiny_llama_dir):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    llm = LLM(str(tiny_llama_dir), max_num_tokens=64, num_kv_blocks=48, block_size=8)
+    gen = torch.Generator().manual_seed(1)
+    # positions beyond original_max_position_embeddings=256 exercise every llama3 frequency band
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 5, 40, 300)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert out.outputs[0].token_ids == ref, f"prompt of {len(p)} tokens"
+    ids = prompts[-1]
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids])).logits[0]
+    rel = (prefill_logits(llm, ids) - ref_logits).abs().max() / ref_logits.abs().max()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_prefix_cache_hits_give_same_tokens(smollm2_dir, prefix_caching):
+    llm = LLM(str(smollm2_dir), max_seq_len=1024, num_kv_blocks=200, enable_prefix_caching=prefix_caching)
+    shared = LONG_TEXT * 2
+    prompts = [shared + " Question one:", shared + " Question two:"]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    first = llm.generate(prompts, params)
+    again = llm.generate(prompts, params)  # second time the shared prefix is in the cache
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
+    cached = again[0].num_cached_tokens
+    assert (cached > 0) == prefix_caching, cached
