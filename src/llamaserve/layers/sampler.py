@@ -65,7 +65,8 @@ def _top_k_top_p_min_p(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tens
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # drop a token when the tokens ranked above it already cover top_p (the first token always stays)
         drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        kept = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, kept)
     if bool((min_p > 0).any()):
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
