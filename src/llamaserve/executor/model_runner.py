@@ -101,8 +101,9 @@ class ModelRunner:
             layer.kv_cache = torch.zeros((2, nb * self.block_size, self.num_kv_heads, self.head_dim),
                                          dtype=dtype, device=self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        pos = torch.arange(num_tokens, device=self.device)
-        batch = ForwardBatch(pos, pos.clone(), torch.arange(nb, device=self.device)[None], 
+        slots = torch.arange(num_tokens, device=self.device)
+        pos = slots % self.config.model_config.max_seq_len  # the RoPE table ends at max_seq_len
+        batch = ForwardBatch(pos, slots, torch.arange(nb, device=self.device)[None],
                              torch.tensor([num_tokens], device=self.device),
                              torch.tensor([0, num_tokens], device=self.device), [num_tokens], [num_tokens],
                              self.block_size)
