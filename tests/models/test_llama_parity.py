@@ -94,3 +94,4 @@ def test_prefix_cache_hits_give_same_tokens(smollm2_dir, prefix_caching):
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
     cached = again[0].num_cached_tokens
     assert (cached > 0) == prefix_caching, cached
+

@@ -77,6 +77,8 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.has_unfinished_requests():  # admission makes this impossible; fail loudly, never spin
+                raise RuntimeError(f"scheduler stalled with {self.scheduler.num_unfinished} unfinished requests")
             return []
         return self._update(sched, self.runner.execute_model(sched))
 

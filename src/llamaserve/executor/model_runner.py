@@ -122,8 +122,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
-        for rid in sched.finished_req_ids | sched.preempted_req_ids:
-            self.generators.pop(rid, None)  # NOTE: a recomputed request restarts its seeded stream too
+        for rid in sched.finished_req_ids:
+            # NOTE: a preempted request keeps its generator: its recompute samples nothing until it catches up,
+            # so its seeded stream continues exactly where it stopped.
+            self.generators.pop(rid, None)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
