@@ -95,3 +95,15 @@ def test_prefix_cache_hits_give_same_tokens(smollm2_dir, prefix_caching):
     cached = again[0].num_cached_tokens
     assert (cached > 0) == prefix_caching, cached
 
+
+
+def test_seeded_sampling_survives_preemption(tiny_llama_dir):
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (40,), generator=gen).tolist() for _ in range(4)]
+    params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=30, ignore_eos=True) for i in range(4)]
+    roomy = LLM(str(tiny_llama_dir), num_kv_blocks=64, block_size=8, max_seq_len=256)
+    tight = LLM(str(tiny_llama_dir), num_kv_blocks=20, block_size=8, max_seq_len=256)
+    a = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
+    assert roomy.engine.scheduler.num_preemptions == 0 < tight.engine.scheduler.num_preemptions
+    assert a == b
