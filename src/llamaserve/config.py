@@ -50,11 +50,6 @@ class ModelConfig:
     max_seq_len: int
     seed: int
     gguf_file: str | None = None
-    quantization: str | None = None
-
-    @property
-    def max_model_len(self) -> int:
-        return self.max_seq_len
 
 
 @dataclass
@@ -185,7 +180,7 @@ class EngineArgs:
         model_config = ModelConfig(
             model=source.path, tokenizer=self.tokenizer or source.tokenizer, load_format=source.load_format,
             hf_config=hf_config, dtype=dtype, max_seq_len=max_seq_len, seed=self.seed,
-            gguf_file=source.gguf_file, quantization=None)
+            gguf_file=source.gguf_file)
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_dtype=kv_dtype,
             kv_cache_free_gpu_memory_fraction=self.kv_cache_free_gpu_memory_fraction,

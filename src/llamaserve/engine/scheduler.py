@@ -35,7 +35,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     finished_req_ids: set[str] = field(default_factory=set)  # ended since the last step (runner drops state)
-    preempted_req_ids: set[str] = field(default_factory=set)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -67,7 +66,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_tokens
         scheduled: list[ScheduledRequest] = []
-        preempted: set[str] = set()
+        preempted = False
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -76,7 +75,7 @@ class Scheduler:
             while self.kv.allocate_slots(req, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted.add(victim.request_id)
+                preempted = True
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
@@ -105,7 +104,7 @@ class Scheduler:
             scheduled.append(ScheduledRequest(req, num_cached, num_new, self.kv.block_ids(req.request_id)))
             budget -= num_new
 
-        out = SchedulerOutput(scheduled, self.finished_req_ids, preempted)
+        out = SchedulerOutput(scheduled, self.finished_req_ids)
         self.finished_req_ids = set()
         return out
 

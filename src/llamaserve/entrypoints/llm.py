@@ -52,7 +52,9 @@ class LLM:
 
     def add_request(self, prompt: PromptType, params: SamplingParams) -> str:
         """Queue one prompt (all its n samples); returns its request id."""
-        text, ids = self._tokenize(prompt)
+        return self._add_tokenized(*self._tokenize(prompt), params)
+
+    def _add_tokenized(self, text: str | None, ids: list[int], params: SamplingParams) -> str:
         rid = str(next(self._ids))
         pairs = self.processor.add_request(rid, text, ids, params)
         added: list[str] = []
@@ -81,12 +83,11 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("give one SamplingParams, or one per prompt", "sampling_params")
-        for p in prompts:  # validate everything before queueing anything
-            self._tokenize(p)
+        tokenized = [self._tokenize(p) for p in prompts]  # validate everything before queueing anything
         ids: list[str] = []
         try:
-            for p, sp in zip(prompts, params_list):
-                ids.append(self.add_request(p, sp))
+            for (text, token_ids), sp in zip(tokenized, params_list):
+                ids.append(self._add_tokenized(text, token_ids, sp))
         except InvalidRequestError:
             for rid in ids:
                 self.engine.abort_requests(self.processor.abort(rid))
