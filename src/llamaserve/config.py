@@ -10,6 +10,9 @@ Decisions (where the issue is silent):
 - `max_seq_len: None` means the model's `max_position_embeddings`; a larger value is an error.
 - On CPU the KV cache takes `kv_cache_free_gpu_memory_fraction` of available RAM, capped at `cpu_kv_cache_gib`
   (4 GiB, like vLLM's CPU backend), unless `num_kv_blocks` pins the block count.
+- KV memory on CUDA: `kv_cache_free_gpu_memory_fraction` (TensorRT-LLM, default 0.9) is the share of the memory
+  free after weights and the activation peak; `gpu_memory_utilization` (vLLM) instead caps all of llamaserve's
+  GPU memory at that share of the total, and the KV cache gets what is left. Setting both is an error.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class CacheConfig:
     enable_prefix_caching: bool
     num_kv_blocks: int | None = None
     cpu_kv_cache_gib: float = 4.0
+    gpu_memory_utilization: float | None = None
 
 
 @dataclass
@@ -102,7 +106,8 @@ class EngineArgs:
     max_batch_size: int = 256
     max_num_tokens: int = 8192
     max_seq_len: int | None = None
-    kv_cache_free_gpu_memory_fraction: float = 0.9
+    kv_cache_free_gpu_memory_fraction: float | None = None  # None: 0.9 (unless gpu_memory_utilization is set)
+    gpu_memory_utilization: float | None = None  # vLLM meaning: share of total GPU memory for everything
     kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -112,6 +117,7 @@ class EngineArgs:
     device: str = "auto"
     seed: int = 0
     tp_size: int = 1
+    ep_size: int = 1
     kernel_backend: str = "auto"
 
     @classmethod
@@ -134,9 +140,19 @@ class EngineArgs:
         if self.max_num_tokens < self.block_size:
             raise ConfigError(f"max_num_tokens={self.max_num_tokens} is smaller than block_size={self.block_size}; "
                               f"set max_num_tokens to at least {self.block_size} (e.g. 8192).")
-        if not 0.0 < self.kv_cache_free_gpu_memory_fraction <= 1.0:
-            raise ConfigError(f"kv_cache_free_gpu_memory_fraction={self.kv_cache_free_gpu_memory_fraction} must be "
+        frac = self.kv_cache_free_gpu_memory_fraction
+        if frac is not None and not 0.0 < frac <= 1.0:
+            raise ConfigError(f"kv_cache_free_gpu_memory_fraction={frac} must be "
                               "in (0, 1]; e.g. 0.9 gives the KV cache 90% of the memory left after the weights.")
+        util = self.gpu_memory_utilization
+        if util is not None and not 0.0 < util <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization={util} must be in (0, 1]; e.g. 0.9 lets llamaserve use 90% "
+                              "of the GPU's memory in all.")
+        if frac is not None and util is not None:
+            raise ConfigError("set kv_cache_free_gpu_memory_fraction (TensorRT-LLM: share of the memory left after "
+                              "weights) or gpu_memory_utilization (vLLM: share of all GPU memory), not both.")
+        if self.ep_size != 1:
+            raise ConfigError(f"ep_size={self.ep_size}: expert parallelism is not implemented yet; use ep_size=1.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1, or unset to size the cache "
                               "from kv_cache_free_gpu_memory_fraction.")
@@ -183,7 +199,8 @@ class EngineArgs:
             gguf_file=source.gguf_file)
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_dtype=kv_dtype,
-            kv_cache_free_gpu_memory_fraction=self.kv_cache_free_gpu_memory_fraction,
+            kv_cache_free_gpu_memory_fraction=0.9 if self.kv_cache_free_gpu_memory_fraction is None
+            else self.kv_cache_free_gpu_memory_fraction, gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib)
         scheduler_config = SchedulerConfig(

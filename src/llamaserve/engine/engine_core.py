@@ -9,6 +9,7 @@ the front end (LLM, AsyncEngine) tokenizes, detokenizes, checks stop strings and
 from __future__ import annotations
 
 import logging
+import time
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.kv_cache_manager import KVCacheManager
@@ -30,6 +31,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.kv_cache_manager)
         self.vocab_size = int(config.model_config.hf_config.vocab_size)
+        self.queue_times: list[float] = []  # seconds from arrival to first schedule; drained by the engine process
         capacity = self.runner.num_blocks * cc.block_size
         if capacity < sc.max_seq_len:
             logger.warning("The KV cache holds %d tokens, fewer than max_seq_len=%d: longer requests are rejected",
@@ -43,27 +45,9 @@ class EngineCore:
             raise InvalidRequestError("EngineCore takes n=1 requests; the front end fans out n > 1", "n")
         if request_id in self.scheduler.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        max_len = self.config.scheduler_config.max_seq_len
-        if num_prompt >= max_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_len} tokens; the prompt has {num_prompt} tokens, "
-                "leaving no room for output. Shorten the prompt or raise max_seq_len.", "prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - num_prompt
-        if num_prompt + max_tokens > max_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_len} tokens; you requested {num_prompt + max_tokens} "
-                f"({num_prompt} in the prompt, {max_tokens} for the output). Reduce max_tokens or the prompt.",
-                "max_tokens")
         capacity = self.runner.num_blocks * self.config.cache_config.block_size
-        if num_prompt + max_tokens > capacity:
-            raise InvalidRequestError(
-                f"the request needs up to {num_prompt + max_tokens} tokens of KV cache but the whole cache holds "
-                f"{capacity}; reduce max_tokens or the prompt, or give the KV cache more memory.", "max_tokens")
+        max_tokens = check_request(prompt_token_ids, params, self.vocab_size,
+                                   self.config.scheduler_config.max_seq_len, capacity)
         req = Request(request_id, list(prompt_token_ids), params, frozenset(eos_token_ids), max_tokens)
         self.scheduler.add_request(req)
         return req
@@ -87,6 +71,9 @@ class EngineCore:
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens = s.num_computed_tokens + s.num_new_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+                self.queue_times.append(req.first_scheduled_time - req.arrival_time)
             prompt_lps = result.prompt_logprobs.get(req.request_id)
             if prompt_lps:
                 req.num_prompt_logprobs += len(prompt_lps)
@@ -105,3 +92,29 @@ class EngineCore:
                 out.finish_reason, out.stop_reason = status.value, req.stop_reason
             outputs.append(out)
         return outputs
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_seq_len: int,
+                  kv_capacity_tokens: int) -> int:
+    """Admission checks shared by EngineCore and the server front end; returns the effective max_tokens."""
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if num_prompt >= max_seq_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_seq_len} tokens; the prompt has {num_prompt} tokens, "
+            "leaving no room for output. Shorten the prompt or raise max_seq_len.", "prompt",
+            "context_length_exceeded")
+    max_tokens = params.max_tokens if params.max_tokens is not None else max_seq_len - num_prompt
+    if num_prompt + max_tokens > max_seq_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_seq_len} tokens; you requested {num_prompt + max_tokens} "
+            f"({num_prompt} in the prompt, {max_tokens} for the output). Reduce max_tokens or the prompt.",
+            "max_tokens", "context_length_exceeded")
+    if num_prompt + max_tokens > kv_capacity_tokens:
+        raise InvalidRequestError(
+            f"the request needs up to {num_prompt + max_tokens} tokens of KV cache but the whole cache holds "
+            f"{kv_capacity_tokens}; reduce max_tokens or the prompt, or give the KV cache more memory.", "max_tokens")
+    return max_tokens

@@ -1,8 +1,7 @@
-"""`llamaserve` command line: `generate` (one prompt, streamed) and `chat` (interactive, chat template).
+"""`llamaserve` command line: `serve` (OpenAI-compatible server), `generate` (one prompt, streamed) and `chat`.
 
-Engine options come from EngineArgs fields, accepted in both spellings (`--max-batch-size` and
-`--max_batch_size`), plus `--config FILE.yaml` whose keys are EngineArgs fields. An unknown YAML key is an
-error that names it. Sampling is seeded by the engine's `--seed`, so a command repeats its output.
+Engine options take vLLM or TensorRT-LLM spellings, from flags or YAML files (see entrypoints/options.py). An
+unknown option is an error that names it. Sampling is seeded by the engine's `--seed`, so a command repeats.
 """
 
 from __future__ import annotations
@@ -11,44 +10,11 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import Any
 
-from llamaserve.config import ConfigError, EngineArgs
+from llamaserve.config import ConfigError
+from llamaserve.entrypoints.options import add_options, resolve
 from llamaserve.errors import InvalidRequestError
 from llamaserve.sampling_params import SamplingParams
-
-
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    for f in dataclasses.fields(EngineArgs):
-        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}, key=lambda s: "_" in s)
-        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
-        conv: Any = _bool if "bool" in typ else int if typ.startswith("int") else float if "float" in typ else str
-        g.add_argument(*names, dest=f.name, type=conv, default=None, metavar=f.name.upper(),
-                       help=f"default: {f.default!r}")
-    g.add_argument("--config", default=None, help="YAML file of engine options (EngineArgs field names)")
-
-
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    values: dict[str, Any] = {}
-    if ns.config:
-        import yaml
-
-        with open(ns.config) as f:
-            values.update(yaml.safe_load(f) or {})
-        unknown = sorted(set(values) - set(EngineArgs.field_names()))
-        if unknown:
-            raise ConfigError(f"{ns.config}: unknown option(s) {unknown}; known: {', '.join(EngineArgs.field_names())}")
-    values.update({k: v for k in EngineArgs.field_names() if (v := getattr(ns, k, None)) is not None})
-    return EngineArgs(**values)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,8 +35,15 @@ def sampling_from(ns: argparse.Namespace) -> SamplingParams:
 def _make_llm(ns: argparse.Namespace):
     from llamaserve.entrypoints.llm import LLM
 
-    args = engine_args_from(ns)
+    args, _ = resolve(ns)
     return LLM(**dataclasses.asdict(args))
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from llamaserve.entrypoints.openai.serve import serve
+
+    args, server = resolve(ns)
+    return serve(args, server)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -115,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat in the terminal with the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
     for p in (gen, chat):
-        add_engine_args(p)
+        add_options(p, server=False)
         add_sampling_args(p)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
+                           description="Start the OpenAI-compatible server. Flags take vLLM or TensorRT-LLM "
+                                       "spellings; see docs/server.md.")
+    serve.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                       help="checkpoint dir, .gguf file or dummy preset (default: the bundled SmolLM2)")
+    add_options(serve, server=True)
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -79,7 +79,8 @@ class ModelRunner:
     def _profile_num_blocks(self) -> int:
         cc = self.config.cache_config
         if self.device.type != "cuda":
-            budget = min(_available_cpu_bytes() * cc.kv_cache_free_gpu_memory_fraction,
+            frac = cc.gpu_memory_utilization or cc.kv_cache_free_gpu_memory_fraction
+            budget = min(_available_cpu_bytes() * frac,
                          cc.cpu_kv_cache_gib * 2**30)
             return int(budget // self.block_bytes)
         torch.cuda.synchronize()
@@ -89,7 +90,10 @@ class ModelRunner:
         self._dummy_run(self.config.scheduler_config.max_num_tokens)
         activation_peak = torch.cuda.max_memory_allocated() - weights
         torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info()
+        if cc.gpu_memory_utilization is not None:  # vLLM: everything we use stays under util * total
+            budget = cc.gpu_memory_utilization * total - (total - free) - activation_peak
+            return int(max(0, budget) // self.block_bytes)
         return int(max(0, free - activation_peak) * cc.kv_cache_free_gpu_memory_fraction // self.block_bytes)
 
     @torch.inference_mode()
