@@ -72,6 +72,7 @@ class AsyncLLM:
         self.kv_capacity_tokens = info["num_blocks"] * info["block_size"]
         self.vocab_size = info["vocab_size"]
         self.max_seq_len = info["max_seq_len"]
+        logger.info("engine process pid %d ready on %s", info["pid"], info["device"])
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

@@ -77,10 +77,15 @@ def error_response(e: BaseException) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def _is_union_tag(x: Any) -> bool:
+    """pydantic puts the tried union member ('str', 'list[int]', ...) into an error's location."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list") or "[" in x)
+
+
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     errs = exc.errors()
     first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _is_union_tag(x)]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import fields
 from typing import Any
 
@@ -19,6 +20,16 @@ from llamaserve.engine.core_proc import EngineDeadError
 logger = logging.getLogger("llamaserve.server")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
 
 
 def serve(engine_args: EngineArgs, server: dict[str, Any]) -> int:
@@ -36,6 +47,7 @@ def serve(engine_args: EngineArgs, server: dict[str, Any]) -> int:
     settings = ServerSettings(model_name=name, **{k: v for k, v in server.items() if v is not None})
     settings.api_key = settings.api_key or os.environ.get("LLAMASERVE_API_KEY") or None
     settings.log_level = settings.log_level.lower()
+    _check_port(settings.host, settings.port)  # before loading a model that could take minutes
     metrics = ServerMetrics(name)
     try:
         engine = AsyncLLM(engine_args, metrics=metrics, max_queue_size=max_queue)
