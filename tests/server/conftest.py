@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 import pytest
+import requests
 
 
 def free_port() -> int:

@@ -1,0 +1,149 @@
+"""Flags and YAML files in vLLM and TensorRT-LLM spellings: the guides' files load verbatim, unknowns are errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from llamaserve.config import ConfigError
+from llamaserve.entrypoints import options
+from llamaserve.entrypoints.cli import build_parser
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def parse(*argv: str):
+    ns = build_parser().parse_args(["serve", *argv])
+    return options.resolve(ns)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_once():
+    options._logged.clear()
+
+
+def test_trtllm_quick_start_command_and_yaml(caplog):
+    caplog.set_level(logging.WARNING, "llamaserve.options")
+    args, server = parse(
+        "llama-3.3-70b", "--host", "0.0.0.0", "--port", "8000", "--backend", "pytorch", "--max_batch_size", "1024",
+        "--max_num_tokens", "2048", "--max_seq_len", "2048", "--kv_cache_free_gpu_memory_fraction", "0.9",
+        "--tp_size", "1", "--ep_size", "1", "--trust_remote_code",
+        "--extra_llm_api_options", str(RECIPES / "trtllm-llama4-scout.yaml"))
+    assert (args.model, args.max_batch_size, args.max_num_tokens, args.max_seq_len) == ("llama-3.3-70b", 1024, 2048,
+                                                                                        2048)
+    assert args.kv_cache_free_gpu_memory_fraction == 0.9 and args.tp_size == 1 and args.ep_size == 1
+    assert args.kv_cache_dtype == "fp8"
+    assert server == {"host": "0.0.0.0", "port": 8000}
+    logged = caplog.text
+    for key in ("trust_remote_code", "cuda_graph_config.enable_padding", "cuda_graph_config.max_batch_size",
+                "enable_attention_dp"):
+        assert f"ignoring {key}=" in logged, key
+
+
+def test_trtllm_llama33_config_file():
+    args, _ = parse("--extra_llm_api_options", str(RECIPES / "trtllm-llama-3.3-70b.yaml"))
+    assert (args.max_batch_size, args.max_num_tokens, args.kv_cache_dtype) == (1024, 2048, "fp8")
+    assert args.kv_cache_free_gpu_memory_fraction == 0.9 and args.tp_size == 1 and args.ep_size == 1
+
+
+@pytest.mark.parametrize("name", ["vllm-Llama4_Hopper.yaml", "vllm-Llama4_Blackwell.yaml", "vllm-Llama3.3_Hopper.yaml"])
+def test_vllm_recipe_yamls(name, caplog):
+    caplog.set_level(logging.WARNING, "llamaserve.options")
+    args, _ = parse("llama-3.3-70b", "--config", str(RECIPES / name), "--tensor-parallel-size", "1",
+                    "--max-num-seqs", "512", "--max-model-len", "10240")
+    assert args.kv_cache_dtype == "fp8" and args.enable_prefix_caching is False
+    assert (args.max_num_tokens, args.max_batch_size, args.max_seq_len, args.tp_size) == (8192, 512, 10240, 1)
+    assert "ignoring async_scheduling=True" in caplog.text
+    if "Blackwell" in name:
+        assert "ignoring compilation_config=" in caplog.text
+
+
+def test_ignored_option_is_logged_once(caplog, tmp_path):
+    caplog.set_level(logging.WARNING, "llamaserve.options")
+    parse("--trust-remote-code", "--trust_remote_code")
+    parse("--trust-remote-code")
+    assert caplog.text.count("ignoring trust_remote_code") == 1
+
+
+@pytest.mark.parametrize("argv,value", [
+    (["--max-num-seqs", "7"], 7), (["--max_batch_size", "7"], 7), (["--max-batch-size", "7"], 7)])
+def test_spellings_are_interchangeable(argv, value):
+    assert parse(*argv)[0].max_batch_size == value
+
+
+def test_bool_flags_take_vllm_and_value_forms():
+    assert parse("--no-enable-prefix-caching")[0].enable_prefix_caching is False
+    assert parse("--enable-prefix-caching")[0].enable_prefix_caching is True
+    assert parse("--enable_prefix_caching", "false")[0].enable_prefix_caching is False
+    assert parse("--no-enable-chunked-prefill")[0].enable_chunked_prefill is False
+
+
+def test_precedence_config_then_flags_then_trtllm_file(tmp_path):
+    vllm = tmp_path / "v.yaml"
+    vllm.write_text("max-num-seqs: 3\nmax-num-batched-tokens: 512\n")
+    trt = tmp_path / "t.yaml"
+    trt.write_text("max_batch_size: 9\n")
+    args, _ = parse("--config", str(vllm), "--max-num-seqs", "5")
+    assert (args.max_batch_size, args.max_num_tokens) == (5, 512)
+    args, _ = parse("--config", str(vllm), "--max-num-seqs", "5", "--extra_llm_api_options", str(trt))
+    assert args.max_batch_size == 9
+
+
+def test_kv_cache_config_maps_onto_engine_fields(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("kv_cache_config:\n  dtype: fp8\n  free_gpu_memory_fraction: 0.75\n  enable_block_reuse: false\n"
+                 "  tokens_per_block: 32\n  max_tokens: 100\n")
+    args, _ = parse("--extra_llm_api_options", str(f))
+    assert (args.kv_cache_dtype, args.kv_cache_free_gpu_memory_fraction, args.enable_prefix_caching) == (
+        "fp8", 0.75, False)
+    assert args.block_size == 32 and args.num_kv_blocks == 4
+
+
+@pytest.mark.parametrize("text,match", [
+    ("max_batch_sise: 4\n", r"unknown option 'max_batch_sise'.*did you mean 'max_batch_size'"),
+    ("kv_cache_config:\n  dtyp: fp8\n", r"unknown option 'kv_cache_config.dtyp'"),
+    ("speculative_config:\n  decoding_type: Eagle\n", "speculative decoding is not supported"),
+    ("backend: tensorrt\n", "backends other than pytorch"),
+    ("pipeline_parallel_size: 2\n", "pipeline parallelism"),
+    ("max_batch_size: many\n", "wants a int"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("kv_cache_config: 3\n", "must be a mapping of sub-options"),
+    ("max_batch_size: [1\n", "not valid YAML"),
+])
+def test_bad_yaml_names_the_option(tmp_path, text, match):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        parse("--extra_llm_api_options", str(f))
+
+
+def test_unknown_flag_is_an_error_naming_it(capsys):
+    with pytest.raises(SystemExit):
+        parse("--max-num-seqz", "4")
+    assert "--max-num-seqz" in capsys.readouterr().err
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        parse("--config", "/nonexistent.yaml")
+
+
+def test_gpu_memory_utilization_and_fraction_are_exclusive():
+    args, _ = parse("--gpu-memory-utilization", "0.8", "--kv_cache_free_gpu_memory_fraction", "0.9",
+                    "--device", "cpu")
+    with pytest.raises(ConfigError, match="not both"):
+        args.create_engine_config()
+
+
+def test_every_spec_has_a_working_flag():
+    """Each non-nested option parses from the command line (catches argparse conflicts and typos)."""
+    parser = build_parser()
+    for spec in options.SPECS:
+        if spec.target.startswith("nested"):
+            continue
+        flag = ("-" if len(spec.names[0]) <= 2 else "--") + spec.names[0].replace("_", "-")
+        val = {"int": "1", "float": "0.5", "str": "x", "any": "x", "bool": "true"}[spec.kind]
+        ns = parser.parse_args(["serve", flag, val])
+        assert getattr(ns, "opt__" + spec.names[0]) is not None, flag
