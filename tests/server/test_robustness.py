@@ -227,3 +227,21 @@ def test_health_answers_quickly_under_load(server):
     finally:
         stop.set()
         t.join()
+
+
+def test_health_is_503_while_the_engine_is_not_stepping(tmp_path):
+    srv = ServerProc(["--cpu-kv-cache-gib", "0.5", "--health-timeout", "2"], tmp_path / "server.log")
+    engine = _engine_pid(srv)
+    try:
+        os.kill(engine, signal.SIGSTOP)  # alive but stuck: no step, no heartbeat
+        time.sleep(3)
+        r = requests.get(srv.url + "/health", timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+        os.kill(engine, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while requests.get(srv.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+        assert srv.stop() == 0

@@ -104,6 +104,8 @@ SPECS: list[Spec] = [
     _s("api_key", "server:api_key"), _s("served_model_name", "server:served_model_name"),
     _s("max_queue_size", "server:max_queue_size", "int"), _s("shutdown_timeout", "server:shutdown_timeout", "float"),
     _s("max_body_bytes", "server:max_body_bytes", "int"),
+    _s("health_timeout", "server:health_timeout", "float",
+       help="/health is 503 when the engine has not reported for this many seconds (60)"),
     _s("log_level uvicorn_log_level", "server:log_level"),
     # -- known, not acted on
     _s("trust_remote_code", "ignore", "bool", reason="llamaserve never runs code from a checkpoint; Llama is built in"),
@@ -265,6 +267,7 @@ def add_options(parser: argparse.ArgumentParser, server: bool) -> None:
                                action="store_const", const=False, help=argparse.SUPPRESS)
         else:
             group.add_argument(*flags, dest=dest, type=_ARG_TYPES[spec.kind], default=None,
+                               metavar=spec.kind.upper() if spec.kind != "any" else "VALUE",
                                help=spec.help or spec.reason or None)
     parser.add_argument("--config", dest="opt_files_config", default=None, metavar="FILE.yaml",
                         help="vLLM-style YAML of options (flags on the command line override it)")

@@ -37,11 +37,12 @@ def serve(engine_args: EngineArgs, server: dict[str, Any]) -> int:
     from llamaserve.entrypoints.openai.api_server import ServerSettings, run_server
     from llamaserve.entrypoints.openai.metrics import ServerMetrics
 
-    known = {f.name for f in fields(ServerSettings)} | {"served_model_name", "max_queue_size"}
+    known = {f.name for f in fields(ServerSettings)} | {"served_model_name", "max_queue_size", "health_timeout"}
     if unknown := sorted(set(server) - known):
         raise ConfigError(f"unknown server option(s) {unknown}")
     name = server.pop("served_model_name", None) or engine_args.model or DEFAULT_MODEL_NAME
     max_queue = server.pop("max_queue_size", None) or 4096
+    health_timeout = server.pop("health_timeout", None) or 60.0
     if max_queue < 1:
         raise ConfigError(f"max_queue_size={max_queue} must be at least 1")
     settings = ServerSettings(model_name=name, **{k: v for k, v in server.items() if v is not None})
@@ -50,7 +51,7 @@ def serve(engine_args: EngineArgs, server: dict[str, Any]) -> int:
     _check_port(settings.host, settings.port)  # before loading a model that could take minutes
     metrics = ServerMetrics(name)
     try:
-        engine = AsyncLLM(engine_args, metrics=metrics, max_queue_size=max_queue)
+        engine = AsyncLLM(engine_args, metrics=metrics, max_queue_size=max_queue, health_timeout_s=health_timeout)
     except EngineDeadError as e:
         logger.error("%s", e)
         return 1
