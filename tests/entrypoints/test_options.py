@@ -147,3 +147,46 @@ def test_every_spec_has_a_working_flag():
         val = {"int": "1", "float": "0.5", "str": "x", "any": "x", "bool": "true"}[spec.kind]
         ns = parser.parse_args(["serve", flag, val])
         assert getattr(ns, "opt__" + spec.names[0]) is not None, flag
+
+
+TRTLLM_MAVERICK_MAX_THROUGHPUT = """enable_attention_dp: true
+stream_interval: 2
+cuda_graph_config:
+  max_batch_size: 512
+  enable_padding: true
+"""
+TRTLLM_BENCH_LLM_OPTIONS = """cuda_graph_config:
+  enable_padding: true
+  batch_sizes: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 1024, 2048, 4096, 8192]
+"""
+TRTLLM_V020_FLAT = """use_cuda_graph: true
+cuda_graph_padding_enabled: true
+cuda_graph_batch_sizes: [1, 2, 4]
+print_iter_log: true
+"""
+
+
+@pytest.mark.parametrize("text", [TRTLLM_MAVERICK_MAX_THROUGHPUT, TRTLLM_BENCH_LLM_OPTIONS, TRTLLM_V020_FLAT])
+def test_other_published_trtllm_files_load(tmp_path, text, caplog):
+    caplog.set_level(logging.WARNING, "llamaserve.options")
+    f = tmp_path / "extra.yaml"
+    f.write_text(text)
+    args, _ = parse("--extra_llm_api_options", str(f))
+    assert args.max_batch_size == 256  # nothing in these files sets an engine field we act on
+    assert "ignoring" in caplog.text
+
+
+def test_trtllm_eagle_file_is_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("enable_autotuner: false\nenable_attention_dp: false\nenable_min_latency: true\ncuda_graph_config:\n"
+                 "  max_batch_size: 8\nspeculative_config:\n  decoding_type: Eagle\n  max_draft_len: 3\n"
+                 "kv_cache_config:\n  enable_block_reuse: false\n")
+    with pytest.raises(ConfigError, match="speculative_config is not supported"):
+        parse("--extra_llm_api_options", str(f))
+
+
+def test_every_engine_field_has_an_option():
+    from llamaserve.config import EngineArgs
+
+    targets = {s.target.split(":", 1)[1] for s in options.SPECS if s.target.startswith("engine:")}
+    assert set(EngineArgs.field_names()) <= targets
