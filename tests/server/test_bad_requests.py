@@ -108,3 +108,16 @@ def test_error_mid_stream_is_an_sse_error_event_then_done(server):
     r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 100000, "stream": True},
                       timeout=30)
     assert r.status_code == 400 and json.loads(r.text)["error"]["code"] == "context_length_exceeded"
+
+
+def test_oversized_chunked_body_is_413(server):
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    r = requests.post(server.url + "/v1/completions", data=body(), headers={"Content-Type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    _good(server.url)
