@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
                        help="checkpoint dir, .gguf file or dummy preset (default: the bundled SmolLM2)")
     add_options(serve, server=True)
+    bench = sub.add_parser("bench", help="benchmarks: serve, report, throughput, latency").add_subparsers(
+        dest="bench_command", required=True)
+    from llamaserve.bench import cli as bench_cli
+
+    bench_cli.add_parsers(bench)
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
     serve.set_defaults(func=cmd_serve)

@@ -1,0 +1,1 @@
+"""Benchmarks: `llamaserve bench serve|report|throughput|latency`."""
