@@ -143,5 +143,5 @@ def format_report(result: dict[str, Any], selected: list[str], percentiles: list
     errors = [e for e in result.get("errors", []) if e]
     if errors:
         lines.append(f"{len(errors)} failed; first errors:")
-        lines.extend(f"  {e[:200]}" for e in dict.fromkeys(errors).keys() if e)
+        lines.extend(f"  {e[:200]}" for e in dict.fromkeys(errors) if e)
     return "\n".join(lines[:60])
