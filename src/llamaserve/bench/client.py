@@ -34,12 +34,14 @@ def build_payload(backend: str, model: str, req: BenchRequest, ignore_eos: bool,
     return body
 
 
-def _content(backend: str, obj: dict[str, Any]) -> str | None:
+def _content(backend: str, obj: dict[str, Any]) -> tuple[str | None, bool]:
+    """(text of the chunk, whether it ends its choice)."""
     choices = obj.get("choices") or []
     if not choices:
-        return None
+        return None, False
     c = choices[0]
-    return c.get("text") if backend == "openai" else (c.get("delta") or {}).get("content")
+    text = c.get("text") if backend == "openai" else (c.get("delta") or {}).get("content")
+    return text, c.get("finish_reason") is not None
 
 
 async def send(session: aiohttp.ClientSession, url: str, backend: str, payload: dict[str, Any],
@@ -67,17 +69,20 @@ async def send(session: aiohttp.ClientSession, url: str, backend: str, payload: 
                         if "error" in obj:
                             rec.error = f"server error event: {obj['error'].get('message', obj['error'])}"
                             return rec
-                        text = _content(backend, obj)
-                        if text:
+                        text, final = _content(backend, obj)
+                        if text or (final and not rec.chunk_times):  # a lone EOS shows only as the final chunk
                             rec.chunk_times.append(time.perf_counter() - t0)
-                            parts.append(text)
+                            parts.append(text or "")
                         usage = obj.get("usage")
                         if usage and usage.get("completion_tokens") is not None:
                             rec.output_tokens = int(usage["completion_tokens"])
                             rec.usage_tokens = True
                             if usage.get("prompt_tokens"):
                                 rec.prompt_len = int(usage["prompt_tokens"])
-    except (aiohttp.ClientError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+    except TimeoutError:
+        rec.error = "TimeoutError: no complete answer within --request-timeout"
+        return rec
+    except (aiohttp.ClientError, ConnectionError, json.JSONDecodeError) as e:
         rec.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         return rec
     rec.text = "".join(parts)
