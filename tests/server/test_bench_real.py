@@ -109,3 +109,14 @@ def test_sharegpt_file(server, tmp_path):
                  "--result-filename", "sg.json"]) == 0
     r = json.loads(Path(tmp_path / "sg.json").read_text())
     assert r["completed"] == 3 and r["dataset_name"] == "sharegpt"
+
+
+def test_trtllm_quick_start_client_flags(server, tmp_path):
+    """The TensorRT-LLM quick start's benchmark_serving flags, token ids sent from the client."""
+    assert main(["bench", "serve", "--base-url", server.url, "--model", "SmolLM2-135M-Instruct", "--backend",
+                 "openai", "--dataset-name", "random", "--random-input-len", "40", "--random-output-len", "3",
+                 "--random-prefix-len", "0", "--random-ids", "--num-prompts", "4", "--max-concurrency", "2",
+                 "--ignore-eos", "--tokenize-on-client", "--percentile-metrics", "ttft,tpot,itl,e2el",
+                 "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "t.json"]) == 0
+    r = json.loads((tmp_path / "t.json").read_text())
+    assert r["completed"] == 4 and r["total_input_tokens"] == 160 and r["total_output_tokens"] == 12

@@ -59,8 +59,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--random-output-len", type=int, default=128)
     d.add_argument("--random-range-ratio", type=float, default=0.0)
     d.add_argument("--random-prefix-len", type=int, default=0)
-    d.add_argument("--random-ids", action="store_true", help="with --tokenize-on-client: send token ids")
-    d.add_argument("--tokenize-on-client", action="store_true")
+    d.add_argument("--random-ids", action="store_true",
+                   help="accepted for TensorRT-LLM's scripts: random prompts are always drawn as random token ids")
+    d.add_argument("--tokenize-on-client", action="store_true", help="send prompts as token ids (openai backend)")
     d.add_argument("--sharegpt-output-len", type=int, default=None)
     d.add_argument("--custom-output-len", type=int, default=256)
     d.add_argument("--num-prompts", type=int, default=1000)
@@ -171,14 +172,22 @@ def _retokenize(records: list[RequestRecord], tok: Any) -> None:
 
 
 def _requests(ns: argparse.Namespace, tok: Any, num: int) -> list[BenchRequest]:
+    """Prompts of the dataset; `--tokenize-on-client` sends them as token ids (completions only)."""
+    if ns.tokenize_on_client and ns.backend != "openai":
+        raise ConfigError("--tokenize-on-client sends token ids, which only --backend openai (completions) takes")
     if ns.dataset_name == "random":
         return random_requests(tok, num, ns.random_input_len, ns.random_output_len, ns.random_range_ratio,
-                               ns.random_prefix_len, ns.seed, as_ids=ns.random_ids and ns.tokenize_on_client)
+                               ns.random_prefix_len, ns.seed, as_ids=ns.tokenize_on_client)
     if not ns.dataset_path:
         raise ConfigError(f"--dataset-name {ns.dataset_name} needs --dataset-path (a local file)")
     if ns.dataset_name == "sharegpt":
-        return sharegpt_requests(tok, ns.dataset_path, num, ns.seed, ns.sharegpt_output_len)
-    return custom_requests(tok, ns.dataset_path, num, ns.custom_output_len)
+        reqs = sharegpt_requests(tok, ns.dataset_path, num, ns.seed, ns.sharegpt_output_len)
+    else:
+        reqs = custom_requests(tok, ns.dataset_path, num, ns.custom_output_len)
+    if ns.tokenize_on_client:
+        for r in reqs:
+            r.prompt = list(tok.encode(r.prompt, add_special_tokens=False))
+    return reqs
 
 
 def run(ns: argparse.Namespace) -> int:
