@@ -122,3 +122,36 @@ def test_server_down_still_ends_with_a_result(tmp_path, capsys):
     assert r["completed"] == 0 and r["failed"] == 2
     assert all("Connect" in e for e in r["errors"])
     assert "Failed requests:                        2" in capsys.readouterr().out
+
+
+def test_request_rate_and_burstiness_intervals():
+    from llamaserve.bench.serve import _intervals
+
+    rng = np.random.default_rng(0)
+    poisson = np.array(_intervals(4000, 20.0, 1.0, rng))
+    bursty = np.array(_intervals(4000, 20.0, 0.25, rng))
+    assert poisson.mean() == pytest.approx(1 / 20, rel=0.05) and bursty.mean() == pytest.approx(1 / 20, rel=0.1)
+    assert poisson.std() == pytest.approx(1 / 20, rel=0.1)  # exponential: std = mean
+    assert bursty.std() > 1.5 * poisson.std()
+    assert _intervals(3, float("inf"), 1.0, rng) == [0.0, 0.0, 0.0]
+
+
+def test_request_rate_spreads_the_requests(scripted, tmp_path):
+    data = _dataset(tmp_path, ["ttft=0 itl=0 n=1"] * 8)
+    r = _bench(scripted.url, data, 8, tmp_path, "--request-rate", "10", "--seed", "1")
+    from llamaserve.bench.serve import _intervals
+
+    expected = sum(_intervals(8, 10.0, 1.0, np.random.default_rng(1))[:7])
+    assert r["completed"] == 8 and r["duration"] >= expected
+
+
+@pytest.mark.parametrize("case,lens", [("chat", (128, 128)), ("reasoning", (1000, 1000)),
+                                       ("summarization", (8000, 512)), ("generation", (512, 8000)),
+                                       ("quickstart", (1024, 1024))])
+def test_use_case_sets_lengths(case, lens):
+    from llamaserve.bench.serve import apply_use_case
+    from llamaserve.entrypoints.cli import build_parser
+
+    ns = build_parser().parse_args(["bench", "serve", "--use-case", case, "--random-input-len", "5"])
+    apply_use_case(ns)
+    assert (ns.random_input_len, ns.random_output_len) == lens

@@ -190,11 +190,15 @@ def _requests(ns: argparse.Namespace, tok: Any, num: int) -> list[BenchRequest]:
     return reqs
 
 
+def apply_use_case(ns: argparse.Namespace) -> None:
+    if ns.use_case:
+        ns.random_input_len, ns.random_output_len = USE_CASES[ns.use_case]
+
+
 def run(ns: argparse.Namespace) -> int:
     import os
 
-    if ns.use_case:
-        ns.random_input_len, ns.random_output_len = USE_CASES[ns.use_case]
+    apply_use_case(ns)
     base = (ns.base_url or f"http://{ns.host}:{ns.port}").rstrip("/")
     key = ns.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
