@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU; set before triton imports
 
 LONG_TEXT = (
     "The history of computing is a story of layers. Mechanical calculators gave way to relays, relays to vacuum "

@@ -33,7 +33,25 @@ KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8", "fp8_e4m3")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEVICES = ("auto", "cuda", "cpu")
-KERNEL_BACKENDS = ("auto", "torch")  # "triton" joins when the GPU kernels land
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+def _kernel_backend(choice: str, device: torch.device) -> str:
+    """auto: Triton kernels on CUDA (when triton imports), the torch reference elsewhere."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    if choice == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ConfigError("kernel_backend='triton' needs the triton package (pip install triton)") from None
+    return choice
 
 
 def _choice(name: str, value: Any, choices: tuple | dict) -> None:
@@ -207,4 +225,4 @@ class EngineArgs:
             max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens, max_seq_len=max_seq_len,
             enable_chunked_prefill=self.enable_chunked_prefill)
         return EngineConfig(model_config, cache_config, scheduler_config, ParallelConfig(self.tp_size, 0),
-                            device, "torch" if self.kernel_backend == "auto" else self.kernel_backend)
+                            device, _kernel_backend(self.kernel_backend, device))

@@ -6,12 +6,12 @@ stored = value / scale). Token t of a step is written to slot `slot_mapping[t]`;
 through `block_tables[i]`. A step mixes prefills, prefill chunks and decodes: request i contributes
 `query_lens[i]` new tokens at the end of a context of `seq_lens[i]` tokens (causal within the context).
 
-Backends: "torch" (the reference, any device) is here; GPU kernels register under their own names later.
+Backends: "torch" (the reference, any device) is here; "triton" runs kernels/paged_attention.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
     block_size: int
+    cache: dict = field(default_factory=dict)  # per-step values derived once and shared by the layers
 
     @property
     def num_reqs(self) -> int:
@@ -91,8 +92,9 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  backend: str = "torch") -> None:
         super().__init__()
-        if backend != "torch":
-            raise ValueError(f"attention backend {backend!r} is not available; use 'torch'")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"attention backend {backend!r} is not available; use 'torch' or 'triton'")
+        self.backend = backend
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
         self.k_scale = 1.0
@@ -107,5 +109,20 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         write_kv_torch(self.kv_cache, k, v, batch.slot_mapping, self.k_scale, self.v_scale)
-        out = paged_attention_torch(q, self.kv_cache, batch, self.scale, self.k_scale, self.v_scale)
+        if self.backend == "triton":
+            out = self._triton(q, batch)
+        else:
+            out = paged_attention_torch(q, self.kv_cache, batch, self.scale, self.k_scale, self.v_scale)
         return out.reshape(t, self.num_heads * self.head_dim)
+
+    def _triton(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        from llamaserve.kernels import paged_attention as pa
+
+        group = self.num_heads // self.num_kv_heads
+        tok_per_tile = max(1, pa.block_m_for(group, max(batch.query_lens_cpu)) // group)
+        key = ("attn_tiles", tok_per_tile)
+        if key not in batch.cache:  # built once per step, shared by all layers
+            batch.cache[key] = pa.tile_table(batch.query_lens_cpu, tok_per_tile, q.device)
+        return pa.paged_attention(q, self.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                                  batch.query_lens_cpu, batch.block_size, self.scale, self.k_scale, self.v_scale,
+                                  tiles=batch.cache[key])

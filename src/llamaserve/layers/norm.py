@@ -1,4 +1,4 @@
-"""RMSNorm, optionally fused with the residual add (torch reference; a Triton kernel plugs in later)."""
+"""RMSNorm, optionally fused with the residual add: the torch reference, or the Triton kernel (backend "triton")."""
 
 from __future__ import annotations
 
@@ -7,14 +7,22 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, backend: str = "torch") -> None:
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: [num_tokens, hidden]. With `residual`, returns (norm(x + residual), x + residual)."""
+        if self.backend == "triton":
+            from llamaserve.kernels.norm_act import rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
+            return rms_norm(x, self.weight, self.eps, residual), residual
         if residual is not None:
             x = x + residual
             residual = x

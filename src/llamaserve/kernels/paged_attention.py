@@ -1,0 +1,119 @@
+"""Triton paged attention for mixed prefill + decode steps (varlen, causal, GQA, bf16/fp16/fp32 or fp8 KV).
+
+One program handles a tile of query tokens of one request against one KV head, with that KV head's whole query
+group packed into the rows of the tile (row r = token r // G, head kv_head * G + r % G), so a decode step (one
+token) still fills G rows of the MMA. The keys and values are walked in tiles of `BLOCK_N` positions through the
+request's block table, with an online softmax in fp32. FP8 caches hold value / scale and are dequantized with the
+per-layer `k_scale` / `v_scale` on load.
+
+The tile table (which request and which query tokens each program takes) is built on the host from the step's
+query lengths, which the scheduler knows anyway; `paged_attention_torch` in layers/attention.py is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attn_kernel(
+    Q, K, V, Out, block_tables, seq_lens, query_start, tile_req, tile_tok,
+    scale, k_scale, v_scale,
+    stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_bt,
+    GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    req = tl.load(tile_req + tile)
+    tok0 = tl.load(tile_tok + tile)  # first query token of the tile, within the request
+    q_start = tl.load(query_start + req)
+    q_len = tl.load(query_start + req + 1) - q_start
+    ctx = tl.load(seq_lens + req)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TOK_PER_TILE * GROUP) & (tok < q_len)
+    q_pos = ctx - q_len + tok  # absolute position of each row's token
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # keys beyond the last query token of this tile are masked for every row: stop there
+    last = tl.minimum(ctx, ctx - q_len + tok0 + TOK_PER_TILE)
+    for n0 in range(0, last, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < last
+        blk = tl.load(block_tables + req * stride_bt + pos // PAGE, mask=pos_ok, other=0)
+        slot = blk.to(tl.int64) * PAGE + pos % PAGE
+        kv_off = slot[:, None] * stride_kslot + kv_head * stride_kh + d[None, :]
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        if FP8:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        causal = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :] & row_ok[:, None]
+        s = tl.where(causal, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def tile_table(query_lens: list[int], tok_per_tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(request index, first token) of every tile of `tok_per_tile` query tokens."""
+    reqs, toks = [], []
+    for i, n in enumerate(query_lens):
+        for t in range(0, n, tok_per_tile):
+            reqs.append(i)
+            toks.append(t)
+    return (torch.tensor(reqs, dtype=torch.int32, device=device), torch.tensor(toks, dtype=torch.int32, device=device))
+
+
+def block_m_for(group: int, max_query_len: int) -> int:
+    """Rows per tile: at least the query group; more query tokens per tile when there are prefills."""
+    rows = 16 if max_query_len == 1 else 64
+    return max(rows, triton.next_power_of_2(group))
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
+                    k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype)."""
+    t, num_q_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    block_m = block_m_for(group, max(query_lens) if query_lens else 1)
+    tok_per_tile = max(1, block_m // group)
+    tile_req, tile_tok = tiles if tiles is not None else tile_table(query_lens, tok_per_tile, q.device)
+    out = torch.empty_like(q)
+    if tile_req.numel() == 0:
+        return out
+    k, v = kv_cache[0], kv_cache[1]
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    block_n = 32 if head_dim <= 128 else 16
+    grid = (tile_req.numel(), num_kv_heads)
+    _paged_attn_kernel[grid](
+        q, k, v, out, block_tables, seq_lens, query_start_loc, tile_req, tile_tok,
+        scale, k_scale, v_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, FP8=fp8,
+    )
+    return out
