@@ -1,0 +1,90 @@
+"""Ceilings of this GPU and the Triton attention kernel against them. Run on the GPU machine:
+
+    PYTHONPATH=src python3 benchmarks/kernels_bench.py        # writes $OUT/kernels_bench.json
+
+- HBM: device-to-device copy of 2 GiB, bytes read + written per second.
+- bf16 matmul: 8192^3 torch.matmul; FP8: torch._scaled_mm 8192^3 (per-tensor scales).
+- decode attention: 64 requests x 4096 context, 32 query / 8 KV heads, head_dim 128, bf16 KV, block 16;
+  bandwidth = KV bytes read / time (the issue's target: >= 70% of HBM).
+- prefill attention: one 8192-token causal prompt, same heads; TFLOP/s counted as 2 * 2 * T^2 * D * Hq / 2.
+Times are CUDA-event medians over repeated runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from llamaserve.kernels.paged_attention import paged_attention
+
+
+def timed(fn, iters: int = 20) -> float:
+    """Median seconds of fn() over iters runs, after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1000.0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings() -> dict[str, float]:
+    out = {}
+    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x))
+    out["hbm_copy_TBps"] = 2 * x.numel() * 2 / t / 1e12
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t = timed(lambda: a @ b)
+    out["bf16_matmul_TFLOPs"] = 2 * 8192**3 / t / 1e12
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.ones((), device="cuda")
+    t = timed(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    out["fp8_scaled_mm_TFLOPs"] = 2 * 8192**3 / t / 1e12
+    return out
+
+
+def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16):
+    blocks_per = ctx // bs
+    cache = torch.randn(2, num_reqs * ctx, hkv, d, dtype=torch.bfloat16, device="cuda")
+    tables = torch.arange(num_reqs * blocks_per, device="cuda").view(num_reqs, blocks_per)
+    tables = tables[:, torch.randperm(blocks_per, device="cuda")]  # scattered pages
+    seq_lens = torch.full((num_reqs,), ctx, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(0, (num_reqs + 1) * qlen, qlen, dtype=torch.int32, device="cuda")
+    q = torch.randn(num_reqs * qlen, hq, d, dtype=torch.bfloat16, device="cuda")
+    qlens = [qlen] * num_reqs
+    from llamaserve.kernels.paged_attention import block_m_for, tile_table
+
+    tiles = tile_table(qlens, max(1, block_m_for(hq // hkv, qlen) // (hq // hkv)), q.device)
+    return timed(lambda: paged_attention(q, cache, tables, seq_lens, qsl, qlens, bs, d**-0.5, tiles=tiles))
+
+
+def main() -> None:
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    res.update(ceilings())
+    t = attention(64, 4096, 1)
+    kv_bytes = 64 * 4096 * 8 * 128 * 2 * 2
+    res["decode_attn_64x4096_ms"] = t * 1e3
+    res["decode_attn_TBps"] = kv_bytes / t / 1e12
+    res["decode_attn_frac_of_hbm"] = res["decode_attn_TBps"] / res["hbm_copy_TBps"]
+    t = attention(1, 8192, 8192)
+    res["prefill_attn_8k_ms"] = t * 1e3
+    res["prefill_attn_TFLOPs"] = 2 * 2 * 8192**2 * 128 * 32 / 2 / t / 1e12
+    print(json.dumps(res, indent=1))
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "kernels_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
