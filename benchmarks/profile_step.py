@@ -1,0 +1,82 @@
+"""Per-step time breakdown with torch.profiler: where a decode step of dummy Llama-3.1-8B bf16 goes.
+
+    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend]   # writes $OUT/profile_b{N}.json
+
+Runs `batch_size` requests of 128 prompt tokens to steady decode, then profiles 20 decode steps. GPU kernel time
+is summed by category (attention, GEMM, norm, activation, sampling, copies, other); "GPU idle" is the wall
+time of the steps minus the GPU busy time, i.e. host work the GPU waits for (launches, input preparation,
+sampling on the host, the per-step sync).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llamaserve import LLM, SamplingParams
+
+CATEGORIES = [
+    ("attention", r"paged_attn|flash|attention"),
+    ("gemm", r"gemm|cutlass|nvjet|sm90_|sm80_|cublas|matmul|splitK"),
+    ("norm", r"rms_norm"),
+    ("activation", r"silu"),
+    ("sampling", r"softmax|sort|topk|argmax|multinomial|exponential|log_softmax|cumsum|scatter|gather"),
+    ("copies", r"copy|Memcpy|Memset|index|cat|fill"),
+]
+
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name, re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def main() -> None:
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
+    llm = LLM("llama-3.1-8b", load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.5,
+              kernel_backend=backend)
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+    for i in range(batch):
+        llm.add_request([(7 * i + j) % 100000 + 10 for j in range(128)], params)
+    for _ in range(10):  # prefill and settle into decode
+        llm.step()
+    torch.cuda.synchronize()
+    steps = 20
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            llm.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    by_cat: dict[str, float] = {}
+    launches = 0
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA:
+            by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + dev_us / 1e3
+            launches += evt.count
+    busy = sum(by_cat.values())
+    res = {"device": torch.cuda.get_device_name(0), "batch_size": batch, "backend": llm.config.kernel_backend,
+           "steps": steps, "step_wall_ms": wall * 1e3 / steps,
+           "gpu_busy_ms_per_step": busy / steps,
+           "gpu_idle_ms_per_step": wall * 1e3 / steps - busy / steps,
+           "kernels_per_step": launches / steps,
+           "gpu_ms_per_step_by_category": {k: v / steps for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}}
+    res["top_kernels"] = [(e.key[:80], round((getattr(e, "self_device_time_total", 0) or 0) / 1e3 / steps, 4))
+                          for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total",
+                                                                                           0) or 0))[:12]]
+    print(json.dumps(res, indent=1))
+    with open(os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
