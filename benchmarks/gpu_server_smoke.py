@@ -1,8 +1,8 @@
 """GPU smoke test of `llamaserve serve` (run on the GPU machine): dummy Llama-3.1-8B bf16 behind the HTTP server.
 
 Starts the server, checks /health, a completion, 32 concurrent streams (all must finish with their token
-count), an error body, a chat completion (synthetic template), /metrics, then SIGTERM -> exit 0. Writes server.log and result.json to $OUT (or
-./out). Correctness, not speed: the numbers it prints are not benchmarks.
+count), an error body, a chat completion (synthetic template), /metrics, then SIGTERM -> exit 0. Writes server.log
+and result.json to $OUT (or ./out). Correctness, not speed: the numbers it prints are not benchmarks.
 
     PYTHONPATH=src python3 benchmarks/gpu_server_smoke.py
 """

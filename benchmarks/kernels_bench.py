@@ -36,13 +36,16 @@ def timed(fn, iters: int = 20) -> float:
     return times[len(times) // 2]
 
 
-def ceilings() -> dict[str, float]:
-    out = {}
-    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+def copy_bandwidth(numel: int = 2**30) -> float:
+    """TB/s of a device-to-device copy of `numel` bf16 values, counting bytes read and written."""
+    x = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x))
-    out["hbm_copy_TBps"] = 2 * x.numel() * 2 / t / 1e12
-    del x, y
+    return 2 * numel * 2 / t / 1e12
+
+
+def ceilings() -> dict[str, float]:
+    out = {"hbm_copy_TBps": copy_bandwidth()}
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = timed(lambda: a @ b)
