@@ -57,7 +57,8 @@ def ceilings() -> dict[str, float]:
     return out
 
 
-def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16):
+def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16,
+              launch: dict | None = None):
     blocks_per = ctx // bs
     cache = torch.randn(2, num_reqs * ctx, hkv, d, dtype=torch.bfloat16, device="cuda")
     tables = torch.arange(num_reqs * blocks_per, device="cuda").view(num_reqs, blocks_per)
@@ -69,7 +70,8 @@ def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d:
     from llamaserve.kernels.paged_attention import block_m_for, tile_table
 
     tiles = tile_table(qlens, max(1, block_m_for(hq // hkv, qlen) // (hq // hkv)), q.device)
-    return timed(lambda: paged_attention(q, cache, tables, seq_lens, qsl, qlens, bs, d**-0.5, tiles=tiles))
+    return timed(lambda: paged_attention(q, cache, tables, seq_lens, qsl, qlens, bs, d**-0.5, tiles=tiles,
+                                         launch=launch))
 
 
 def main() -> None:
@@ -83,6 +85,18 @@ def main() -> None:
     t = attention(1, 8192, 8192)
     res["prefill_attn_8k_ms"] = t * 1e3
     res["prefill_attn_TFLOPs"] = 2 * 2 * 8192**2 * 128 * 32 / 2 / t / 1e12
+    if os.environ.get("SWEEP"):  # launch-parameter sweep of both kernels
+        flops = 2 * 2 * 8192**2 * 128 * 32 / 2
+        for bn in (32, 64):
+            for nw in (4, 8):
+                for ns in (1, 2, 3):
+                    cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+                    key = f"bn{bn}_w{nw}_s{ns}"
+                    try:
+                        res[f"sweep_prefill_TFLOPs_{key}"] = flops / attention(1, 8192, 8192, launch=cfg) / 1e12
+                        res[f"sweep_decode_TBps_{key}"] = kv_bytes / attention(64, 4096, 1, launch=cfg) / 1e12
+                    except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                        res[f"sweep_{key}"] = f"{type(e).__name__}"
     print(json.dumps(res, indent=1))
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "kernels_bench.json"), "w") as f:

@@ -95,7 +95,8 @@ def block_m_for(group: int, max_query_len: int) -> int:
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
-                    k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
+                    launch: dict | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype)."""
     t, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
@@ -109,6 +110,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     k, v = kv_cache[0], kv_cache[1]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_n = 32 if head_dim <= 128 else 16
+    launch = dict(launch or {})  # tuning overrides: BLOCK_N, num_warps, num_stages
+    block_n = launch.pop("BLOCK_N", block_n)
     grid = (tile_req.numel(), num_kv_heads)
     _paged_attn_kernel[grid](
         q, k, v, out, block_tables, seq_lens, query_start_loc, tile_req, tile_tok,
@@ -117,5 +120,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
+        **launch,
     )
     return out
