@@ -110,6 +110,8 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device: torch.device
     kernel_backend: str
+    cuda_graph_sizes: list[int] = dataclasses.field(default_factory=list)  # empty: no CUDA graphs
+    cuda_graph_padding: bool = True
 
 
 @dataclass
@@ -137,6 +139,10 @@ class EngineArgs:
     tp_size: int = 1
     ep_size: int = 1
     kernel_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_batch_sizes: list[int] | str | None = None  # None: 1, 2, 4, 8, 16, ... up to the max below
+    cuda_graph_max_batch_size: int | None = None  # None: max_batch_size
+    cuda_graph_padding: bool = True  # pad a decode batch up to the next captured size
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -224,5 +230,28 @@ class EngineArgs:
         scheduler_config = SchedulerConfig(
             max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens, max_seq_len=max_seq_len,
             enable_chunked_prefill=self.enable_chunked_prefill)
+        backend = _kernel_backend(self.kernel_backend, device)
         return EngineConfig(model_config, cache_config, scheduler_config, ParallelConfig(self.tp_size, 0),
-                            device, _kernel_backend(self.kernel_backend, device))
+                            device, backend, self._cuda_graph_sizes(device, backend), self.cuda_graph_padding)
+
+    def _cuda_graph_sizes(self, device: torch.device, backend: str) -> list[int]:
+        """Decode batch sizes to capture: none on CPU, with enforce_eager, or with the torch reference kernels."""
+        sizes = self.cuda_graph_batch_sizes
+        if isinstance(sizes, str):
+            try:
+                sizes = [int(x) for x in sizes.replace(" ", "").split(",") if x]
+            except ValueError:
+                raise ConfigError(f"cuda_graph_batch_sizes={self.cuda_graph_batch_sizes!r}: give integers, e.g. "
+                                  "1,2,4,8") from None
+        if sizes is not None and (not sizes or any(not isinstance(x, int) or x < 1 for x in sizes)):
+            raise ConfigError(f"cuda_graph_batch_sizes={sizes!r}: give positive integers, e.g. [1, 2, 4, 8]")
+        cap = self.cuda_graph_max_batch_size
+        if cap is not None and cap < 1:
+            raise ConfigError(f"cuda_graph_max_batch_size={cap} must be at least 1")
+        if self.enforce_eager or device.type != "cuda" or backend != "triton":
+            return []
+        from llamaserve.executor.cuda_graphs import default_sizes
+
+        cap = min(cap or self.max_batch_size, self.max_batch_size)
+        sizes = [x for x in (sizes or default_sizes(cap)) if x <= self.max_batch_size]
+        return sorted(set(sizes))

@@ -37,9 +37,9 @@ def test_trtllm_quick_start_command_and_yaml(caplog):
     assert args.kv_cache_dtype == "fp8"
     assert server == {"host": "0.0.0.0", "port": 8000}
     logged = caplog.text
-    for key in ("trust_remote_code", "cuda_graph_config.enable_padding", "cuda_graph_config.max_batch_size",
-                "enable_attention_dp"):
+    for key in ("trust_remote_code", "enable_attention_dp"):
         assert f"ignoring {key}=" in logged, key
+    assert args.cuda_graph_padding is True and args.cuda_graph_max_batch_size == 1024
 
 
 def test_trtllm_llama33_config_file():
@@ -172,8 +172,12 @@ def test_other_published_trtllm_files_load(tmp_path, text, caplog):
     f = tmp_path / "extra.yaml"
     f.write_text(text)
     args, _ = parse("--extra_llm_api_options", str(f))
-    assert args.max_batch_size == 256  # nothing in these files sets an engine field we act on
-    assert "ignoring" in caplog.text
+    assert args.max_batch_size == 256
+    assert args.cuda_graph_padding is True  # every one of these files asks for padded CUDA graphs
+    if "batch_sizes" in text:
+        assert args.cuda_graph_batch_sizes[:3] == [1, 2, 4]
+    if "stream_interval" in text or "print_iter_log" in text:
+        assert "ignoring" in caplog.text
 
 
 def test_trtllm_eagle_file_is_refused(tmp_path):
@@ -190,3 +194,22 @@ def test_every_engine_field_has_an_option():
 
     targets = {s.target.split(":", 1)[1] for s in options.SPECS if s.target.startswith("engine:")}
     assert set(EngineArgs.field_names()) <= targets
+
+
+def test_cuda_graph_options_resolve(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("cuda_graph_config:\n  enable_padding: false\n  batch_sizes: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384]\n")
+    args, _ = parse("--extra_llm_api_options", str(f), "--max_batch_size", "64")
+    assert args.cuda_graph_padding is False and args.cuda_graph_batch_sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384]
+    import torch
+
+    # sizes above max_batch_size are dropped; none are captured without CUDA, or with enforce_eager
+    assert args._cuda_graph_sizes(torch.device("cuda"), "triton") == [1, 2, 4, 8, 16, 32, 64]
+    assert args._cuda_graph_sizes(torch.device("cpu"), "torch") == []
+    args, _ = parse("--cuda-graph-batch-sizes", "1,3,5", "--enforce-eager")
+    assert args.cuda_graph_batch_sizes == "1,3,5" and args._cuda_graph_sizes(torch.device("cuda"), "triton") == []
+    args, _ = parse("--max-num-seqs", "20", "--max-cudagraph-capture-size", "12")
+    assert args._cuda_graph_sizes(torch.device("cuda"), "triton") == [1, 2, 4, 8, 12]
+    args, _ = parse("--cuda-graph-batch-sizes", "1,x")
+    with pytest.raises(ConfigError, match="cuda_graph_batch_sizes"):
+        args._cuda_graph_sizes(torch.device("cuda"), "triton")

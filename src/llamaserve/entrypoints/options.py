@@ -7,7 +7,7 @@ underscores are interchangeable everywhere. An option is one of:
 - `accept`: we do what it asks already (e.g. `--backend pytorch`, `--enforce-eager`, `--tp_size 1`); another value
   is an error;
 - `ignore`: known, but llamaserve does not act on it; it is logged once as ignored (e.g. vLLM's
-  `compilation-config`, TensorRT-LLM's `cuda_graph_config` until CUDA graphs land);
+  `compilation-config`);
 - `refuse`: known and not supported; an error that says so (e.g. `speculative_config`).
 Anything else is an error naming the option, with the closest known spelling.
 
@@ -42,7 +42,7 @@ class Spec:
 
 
 _IGNORED_PERF = "a performance knob of that engine; llamaserve's own defaults apply"
-_CG = "CUDA graphs are not implemented yet (they arrive with the Hopper fast path); the model runs eagerly"
+_CG = "an older spelling of TensorRT-LLM's CUDA-graph options; use cuda_graph_config (or cuda_graph_* options)"
 
 
 def _s(names: str, target: str, kind: str = "str", **kw: Any) -> Spec:
@@ -57,8 +57,9 @@ _KV_CACHE_CONFIG = {s.names[0]: s for s in [
     _s("max_tokens", "engine:kv_cache_max_tokens", "int"),
 ]}
 _CUDA_GRAPH_CONFIG = {s.names[0]: s for s in [
-    _s("enable_padding", "ignore", "bool", reason=_CG), _s("max_batch_size", "ignore", "int", reason=_CG),
-    _s("batch_sizes", "ignore", "any", reason=_CG),
+    _s("enable_padding", "engine:cuda_graph_padding", "bool"),
+    _s("max_batch_size", "engine:cuda_graph_max_batch_size", "int"),
+    _s("batch_sizes", "engine:cuda_graph_batch_sizes", "any"),
 ]}
 _MOE_CONFIG = {s.names[0]: s for s in [
     _s("backend", "ignore", reason="llamaserve has one MoE implementation"),
@@ -96,7 +97,11 @@ SPECS: list[Spec] = [
     _s("data_parallel_size dp", "accept", "int", allowed=(1,), reason="data parallelism"),
     _s("enable_expert_parallel", "accept", "bool", allowed=(False,), reason="expert parallelism (use ep_size)"),
     _s("backend", "accept", allowed=("pytorch",), reason="backends other than pytorch"),
-    _s("enforce_eager", "accept", "bool", allowed=(True, False), reason=""),
+    _s("enforce_eager", "engine:enforce_eager", "bool", help="no CUDA graphs"),
+    _s("cuda_graph_batch_sizes", "engine:cuda_graph_batch_sizes", "any", help="decode batch sizes to capture, "
+       "e.g. 1,2,4,8 (default 1,2,4,8,16,... up to cuda_graph_max_batch_size)"),
+    _s("cuda_graph_max_batch_size max_cudagraph_capture_size", "engine:cuda_graph_max_batch_size", "int"),
+    _s("cuda_graph_padding cuda_graph_padding_enabled", "engine:cuda_graph_padding", "bool"),
     _s("enable_attention_dp", "ignore", "bool", reason="attention data parallelism is not implemented; with one "
        "GPU per model copy it changes nothing"),
     # -- server
@@ -112,10 +117,10 @@ SPECS: list[Spec] = [
     _s("compilation_config O", "ignore", "any", reason="torch.compile settings of vLLM"),
     _s("async_scheduling", "ignore", "bool", reason="overlap scheduling is not implemented yet (Hopper fast path)"),
     _s("disable_overlap_scheduler", "ignore", "bool", reason="llamaserve does not overlap scheduling yet"),
-    _s("max_cudagraph_capture_size max_seq_len_to_capture", "ignore", "int", reason=_CG),
-    _s("cuda_graph_config", "nested-ignore", "any", nested=_CUDA_GRAPH_CONFIG, reason=_CG),
-    _s("use_cuda_graph cuda_graph_padding_enabled", "ignore", "bool", reason=_CG),
-    _s("cuda_graph_batch_sizes pytorch_backend_config", "ignore", "any", reason=_CG),
+    _s("max_seq_len_to_capture", "ignore", "int", reason="vLLM's old capture limit; graphs cover decode batches"),
+    _s("cuda_graph_config", "nested", "any", nested=_CUDA_GRAPH_CONFIG),
+    _s("use_cuda_graph", "ignore", "bool", reason=_CG),
+    _s("pytorch_backend_config", "ignore", "any", reason=_CG),
     _s("moe_config", "nested-ignore", "any", nested=_MOE_CONFIG, reason="MoE settings"),
     _s("attention_backend attn_backend", "ignore", reason="llamaserve picks its attention kernels itself"),
     _s("use_torch_sampler", "ignore", "bool", reason="llamaserve has one sampler"),

@@ -60,11 +60,22 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise kv_cache_free_gpu_memory_fraction or "
                              "use a smaller model")
-        shape = (2, self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        # one scratch block past the pool's blocks: padded CUDA-graph rows write their K/V there
+        scratch = 1 if config.cuda_graph_sizes else 0
+        shape = (2, (self.num_blocks + scratch) * self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=cc.kv_cache_dtype, device=self.device)
                           for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache
+        self.graphs = None
+        if config.cuda_graph_sizes:
+            from llamaserve.executor.cuda_graphs import CudaGraphRunner
+
+            max_blocks = -(-config.scheduler_config.max_seq_len // self.block_size)
+            self.graphs = CudaGraphRunner(self.model, config.cuda_graph_sizes, config.cuda_graph_padding,
+                                          self.block_size, max_blocks, self.num_blocks * self.block_size,
+                                          self.device)
+            self.graphs.capture()
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(mc.seed))
         self.generators: dict[str, torch.Generator] = {}
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)", self.num_blocks,
@@ -163,11 +174,17 @@ class ModelRunner:
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        batch = ForwardBatch(pos_t, torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev),
-                             torch.tensor(seq_lens, device=dev), torch.tensor(cu, device=dev), seq_lens,
-                             query_lens, bs)
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), pos_t, batch)
+        graph_bs = None
+        if self.graphs is not None and all(q == 1 for q in query_lens):
+            graph_bs = self.graphs.size_for(len(query_lens))
+        if graph_bs is not None:
+            hidden = self.graphs.run(graph_bs, input_ids, positions, slots, block_tables, seq_lens)
+        else:
+            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+            batch = ForwardBatch(pos_t, torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev),
+                                 torch.tensor(seq_lens, device=dev), torch.tensor(cu, device=dev), seq_lens,
+                                 query_lens, bs)
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), pos_t, batch)
         out = RunnerOutput()
         if sample_rows:
             self._sample(hidden[sample_rows], sample_reqs, out)
