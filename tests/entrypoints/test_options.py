@@ -198,9 +198,11 @@ def test_every_engine_field_has_an_option():
 
 def test_cuda_graph_options_resolve(tmp_path):
     f = tmp_path / "t.yaml"
-    f.write_text("cuda_graph_config:\n  enable_padding: false\n  batch_sizes: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384]\n")
+    f.write_text("cuda_graph_config:\n  enable_padding: false\n"
+                 "  batch_sizes: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384]\n")
     args, _ = parse("--extra_llm_api_options", str(f), "--max_batch_size", "64")
-    assert args.cuda_graph_padding is False and args.cuda_graph_batch_sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384]
+    assert args.cuda_graph_padding is False
+    assert args.cuda_graph_batch_sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384]
     import torch
 
     # sizes above max_batch_size are dropped; none are captured without CUDA, or with enforce_eager
