@@ -67,9 +67,9 @@ def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d:
     qsl = torch.arange(0, (num_reqs + 1) * qlen, qlen, dtype=torch.int32, device="cuda")
     q = torch.randn(num_reqs * qlen, hq, d, dtype=torch.bfloat16, device="cuda")
     qlens = [qlen] * num_reqs
-    from llamaserve.kernels.paged_attention import block_m_for, tile_table
+    from llamaserve.kernels.paged_attention import step_tiles
 
-    tiles = tile_table(qlens, max(1, block_m_for(hq // hkv, qlen) // (hq // hkv)), q.device)
+    tiles = step_tiles({}, qlens, hq // hkv, q.device)
     return timed(lambda: paged_attention(q, cache, tables, seq_lens, qsl, qlens, bs, d**-0.5, tiles=tiles,
                                          launch=launch))
 

@@ -45,14 +45,12 @@ class CudaGraphRunner:
         self.batches: dict[int, ForwardBatch] = {}
 
     def _batch(self, bs: int) -> ForwardBatch:
-        from llamaserve.kernels.paged_attention import block_m_for, tile_table
+        from llamaserve.kernels.paged_attention import step_tiles
 
         b = ForwardBatch(self.positions[:bs], self.slots[:bs], self.block_tables[:bs], self.seq_lens[:bs],
                          self.query_start[: bs + 1], [0] * bs, [1] * bs, self.block_size)
         for layer in self.model.attention_layers():  # the attention tile table, static for a decode batch
-            group = layer.num_heads // layer.num_kv_heads
-            tok = max(1, block_m_for(group, 1) // group)
-            b.cache.setdefault(("attn_tiles", tok), tile_table([1] * bs, tok, self.device))
+            step_tiles(b.cache, b.query_lens_cpu, layer.num_heads // layer.num_kv_heads, self.device)
         return b
 
     @torch.inference_mode()
@@ -63,7 +61,7 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):
             batch = self._batch(bs)
-            self.batches[bs] = batch
+            self.batches[bs] = batch  # keeps the tile tables the graph reads alive
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self.model(self.input_ids[:bs], self.positions[:bs], batch)  # warm-up (autotuning, allocations)

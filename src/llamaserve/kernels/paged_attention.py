@@ -93,6 +93,21 @@ def block_m_for(group: int, max_query_len: int) -> int:
     return max(rows, triton.next_power_of_2(group))
 
 
+def tile_shape(group: int, query_lens: list[int]) -> tuple[int, int]:
+    """(rows per tile, query tokens per tile) for a step with these query lengths."""
+    block_m = block_m_for(group, max(query_lens, default=1))
+    return block_m, max(1, block_m // group)
+
+
+def step_tiles(cache: dict, query_lens: list[int], group: int, device: torch.device) -> tuple:
+    """The tile table of a step, built once in `cache` (ForwardBatch.cache) and shared by every layer."""
+    _, tok_per_tile = tile_shape(group, query_lens)
+    key = ("attn_tiles", tok_per_tile)
+    if key not in cache:
+        cache[key] = tile_table(query_lens, tok_per_tile, device)
+    return cache[key]
+
+
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
@@ -101,9 +116,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     t, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    block_m = block_m_for(group, max(query_lens) if query_lens else 1)
-    tok_per_tile = max(1, block_m // group)
-    tile_req, tile_tok = tiles if tiles is not None else tile_table(query_lens, tok_per_tile, q.device)
+    block_m, tok_per_tile = tile_shape(group, query_lens)
+    tile_req, tile_tok = tiles if tiles is not None else step_tiles({}, query_lens, group, q.device)
     out = torch.empty_like(q)
     if tile_req.numel() == 0:
         return out

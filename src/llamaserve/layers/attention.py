@@ -118,11 +118,7 @@ class Attention(nn.Module):
     def _triton(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         from llamaserve.kernels import paged_attention as pa
 
-        group = self.num_heads // self.num_kv_heads
-        tok_per_tile = max(1, pa.block_m_for(group, max(batch.query_lens_cpu)) // group)
-        key = ("attn_tiles", tok_per_tile)
-        if key not in batch.cache:  # built once per step, shared by all layers
-            batch.cache[key] = pa.tile_table(batch.query_lens_cpu, tok_per_tile, q.device)
+        tiles = pa.step_tiles(batch.cache, batch.query_lens_cpu, self.num_heads // self.num_kv_heads, q.device)
         return pa.paged_attention(q, self.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                   batch.query_lens_cpu, batch.block_size, self.scale, self.k_scale, self.v_scale,
-                                  tiles=batch.cache[key])
+                                  tiles=tiles)
