@@ -38,20 +38,15 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 def _kernel_backend(choice: str, device: torch.device) -> str:
     """auto: Triton kernels on CUDA (when triton imports), the torch reference elsewhere."""
-    if choice == "auto":
-        if device.type != "cuda":
-            return "torch"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    if choice == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if choice == "triton":
             raise ConfigError("kernel_backend='triton' needs the triton package (pip install triton)") from None
-    return choice
+        return "torch"
+    return "triton"
 
 
 def _choice(name: str, value: Any, choices: tuple | dict) -> None:
