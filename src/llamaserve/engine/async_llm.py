@@ -5,10 +5,11 @@ refused before any response byte is sent), fans `n` out, and hands each caller a
 RequestOutputs. A caller that stops iterating (client gone, task cancelled) aborts its request, which frees its
 KV blocks in the engine. Engine messages arrive on a reader thread and are handled on the event loop.
 
-Admission control: at most `max_batch_size + max_queue_size` sequences may be in flight; the excess gets
-`QueueFullError` (HTTP 429 with Retry-After). While draining (SIGTERM) or once the engine is dead, new requests get
-`ServiceUnavailableError` (503). Health is "engine process alive and a message from it within
-`health_timeout_s`" (it sends one every step and every heartbeat while idle).
+Admission control: at most `max_queue_size` sequences may wait beyond the engine's running batch (in flight minus
+running, as of the engine's latest stats); the excess gets `QueueFullError` (HTTP 429 with Retry-After). While
+draining (SIGTERM) or once the engine is dead, new requests get `ServiceUnavailableError` (503). Health is "engine
+process alive and a message from it within `health_timeout_s`" (it sends one every step and every heartbeat while
+idle).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class AsyncLLM:
         self.last_message = time.monotonic()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_dead: Any = None  # callback(reason) set by the server
-        self.client = EngineCoreClient(engine_args, self._on_message)
+        self.client = EngineCoreClient(self.config, self._on_message)
         info = self.client.info
         self.kv_capacity_tokens = info["num_blocks"] * info["block_size"]
         self.vocab_size = info["vocab_size"]
@@ -97,11 +98,9 @@ class AsyncLLM:
                 self._on_outputs(outputs)
         elif kind == "rejected":
             _, cid, message, param = msg
-            parent = cid.rsplit("-", 1)[0] if cid not in self.queues else cid
-            for rid in (cid, parent):
-                if rid in self.queues:
-                    self._fail(rid, InvalidRequestError(message, param))
-                    break
+            rid = cid if cid in self.queues else cid.rsplit("-", 1)[0]  # n > 1: child "{rid}-{i}"
+            if rid in self.queues:
+                self._fail(rid, InvalidRequestError(message, param))
         elif kind == "dead":
             self.dead_reason = msg[1]
             logger.error("the engine died:\n%s", msg[1])

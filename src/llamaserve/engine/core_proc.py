@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llamaserve.config import EngineArgs
+from llamaserve.config import EngineConfig
+from llamaserve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def _stats(core: Any) -> EngineStats:
 
 def _handle(core: Any, msg: tuple, out: Any) -> bool:
     """Apply one front-end message; returns False on shutdown."""
-    from llamaserve.errors import InvalidRequestError
-
     kind = msg[0]
     if kind == "add":
         for rid, ids, params, eos in msg[1]:
@@ -68,16 +67,16 @@ def _handle(core: Any, msg: tuple, out: Any) -> bool:
     return True
 
 
-def run_engine_core(engine_args: EngineArgs, inbox: Any, out: Any, parent_pid: int) -> None:
-    """Entry point of the engine process."""
+def run_engine_core(config: EngineConfig, inbox: Any, out: Any, parent_pid: int) -> None:
+    """Entry point of the engine process; `config` was resolved (and validated) once, by the front end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop (Ctrl-C reaches both)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s engine %(name)s: %(message)s")
     try:
         from llamaserve.engine.engine_core import EngineCore
 
-        core = EngineCore(engine_args.create_engine_config())
-        cfg = core.config
+        core = EngineCore(config)
+        cfg = config
         out.send(("ready", {"num_blocks": core.runner.num_blocks, "block_size": cfg.cache_config.block_size,
                             "vocab_size": core.vocab_size, "max_seq_len": cfg.scheduler_config.max_seq_len,
                             "device": str(cfg.device), "pid": os.getpid()}))
@@ -116,12 +115,12 @@ class EngineDeadError(RuntimeError):
 class EngineCoreClient:
     """Front-end handle of the engine process: start it, send to it, and read from it on a thread."""
 
-    def __init__(self, engine_args: EngineArgs, on_message: Callable[[tuple], None],
+    def __init__(self, config: EngineConfig, on_message: Callable[[tuple], None],
                  startup_timeout_s: float = 1800.0) -> None:
         ctx = mp.get_context("spawn")
         inbox_r, self._inbox_w = ctx.Pipe(duplex=False)
         self._out_r, out_w = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=run_engine_core, args=(engine_args, inbox_r, out_w, os.getpid()),
+        self.proc = ctx.Process(target=run_engine_core, args=(config, inbox_r, out_w, os.getpid()),
                                 name="llamaserve-engine", daemon=True)
         self.proc.start()
         inbox_r.close()
