@@ -12,6 +12,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from llamaserve.entrypoints.openai.serving import APIError
+
 
 class BodyTooLarge(HTTPException):
     """Raised from `receive`; FastAPI re-raises HTTPExceptions from body parsing, so the app renders a 413."""
@@ -21,8 +23,7 @@ class BodyTooLarge(HTTPException):
 
 
 async def _send_error(send: Any, status: int, message: str, code: str, headers: list | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+    body = json.dumps(APIError(status, message, code=code).body()).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -70,7 +71,6 @@ class Guard:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyTooLarge as e:
             if not started:
-                await _send_error(send, 413, f"the request body is larger than the limit of {limit} bytes",
-                                  "request_too_large")
+                await _send_error(send, 413, e.detail, "request_too_large")
