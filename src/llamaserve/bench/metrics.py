@@ -53,15 +53,19 @@ class RequestRecord:
         return (self.e2el - self.ttft) / (n - 1) if n > 1 else None
 
 
-def _stats(name: str, values_s: list[float], percentiles: list[float]) -> dict[str, float]:
+def summarize_ms(values_s: list[float], percentiles: list[float]) -> dict[str, float]:
+    """mean, median, std and p<N> of seconds, in milliseconds (all 0 for no values)."""
     ms = np.asarray(values_s, dtype=np.float64) * 1000.0
     if ms.size == 0:
         ms = np.zeros(1)
-    out = {f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)),
-           f"std_{name}_ms": float(ms.std())}
+    out = {"mean": float(ms.mean()), "median": float(np.median(ms)), "std": float(ms.std())}
     for p in percentiles:
-        out[f"p{p:g}_{name}_ms"] = float(np.percentile(ms, p))
+        out[f"p{p:g}"] = float(np.percentile(ms, p))
     return out
+
+
+def _stats(name: str, values_s: list[float], percentiles: list[float]) -> dict[str, float]:
+    return {f"{stat}_{name}_ms": v for stat, v in summarize_ms(values_s, percentiles).items()}
 
 
 def compute_metrics(records: list[RequestRecord], duration_s: float, percentiles: list[float],

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llamaserve.bench.datasets import random_requests
+from llamaserve.bench.metrics import summarize_ms
 from llamaserve.entrypoints.options import resolve
 from llamaserve.sampling_params import SamplingParams
 
@@ -87,8 +88,7 @@ def _one_batch(llm: Any, prompts: list[list[int]], params: SamplingParams) -> tu
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
-    a = np.asarray(xs or [0.0]) * 1000.0
-    return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99))}
+    return {k: v for k, v in summarize_ms(xs, [99]).items() if k != "std"}
 
 
 def run_latency(ns: argparse.Namespace) -> int:
