@@ -10,6 +10,10 @@ Decisions (where the issue is silent):
 - `max_seq_len: None` means the model's `max_position_embeddings`; a larger value is an error.
 - On CPU the KV cache takes `kv_cache_free_gpu_memory_fraction` of available RAM, capped at `cpu_kv_cache_gib`
   (4 GiB, like vLLM's CPU backend), unless `num_kv_blocks` pins the block count.
+- `quantization: fp8` (vLLM's flag): with `load_format: dummy`, random FP8 weights with per-tensor scales and
+  static input scales calibrated on a random batch at start (the layout of a ModelOpt FP8 checkpoint); with a
+  bf16/fp16/GGUF checkpoint, weights are quantized per tensor at load and activations use dynamic per-tensor scales
+  (vLLM's online FP8). ModelOpt checkpoints (their own scales) come with the ModelOpt loader.
 - KV memory on CUDA: `kv_cache_free_gpu_memory_fraction` (TensorRT-LLM, default 0.9) is the share of the memory
   free after weights and the activation peak; `gpu_memory_utilization` (vLLM) instead caps all of llamaserve's
   GPU memory at that share of the total, and the KV cache gets what is left. Setting both is an error.
@@ -34,6 +38,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEVICES = ("auto", "cuda", "cpu")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+QUANTIZATIONS = (None, "none", "fp8")
 
 
 def _kernel_backend(choice: str, device: torch.device) -> str:
@@ -66,6 +71,7 @@ class ModelConfig:
     max_seq_len: int
     seed: int
     gguf_file: str | None = None
+    quant_config: Any = None  # layers.quantization.QuantConfig, or None for unquantized weights
 
 
 @dataclass
@@ -149,9 +155,9 @@ class EngineArgs:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        if self.quantization not in (None, "none"):
-            raise ConfigError(f"quantization={self.quantization!r} is not supported yet; leave it unset "
-                              "(FP8/NVFP4 arrive with the Hopper fast path).")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization={self.quantization!r} is not supported; use 'fp8' (W8A8 per-tensor) or "
+                              "leave it unset.")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size={self.max_batch_size} must be at least 1.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1) or self.block_size > 256:
@@ -212,10 +218,18 @@ class EngineArgs:
             kv_dtype = torch.bfloat16
         else:
             kv_dtype = dtype
+        quant_config = None
+        if self.quantization == "fp8":
+            from llamaserve.layers.quantization import QuantConfig
+
+            if dtype == torch.float32 and device.type == "cuda":
+                raise ConfigError("quantization='fp8' computes in bf16/fp16 on CUDA; set dtype to bfloat16 or auto.")
+            dummy = source.load_format == "dummy"
+            quant_config = QuantConfig("fp8", static_input_scales=dummy, online=not dummy)
         model_config = ModelConfig(
             model=source.path, tokenizer=self.tokenizer or source.tokenizer, load_format=source.load_format,
             hf_config=hf_config, dtype=dtype, max_seq_len=max_seq_len, seed=self.seed,
-            gguf_file=source.gguf_file)
+            gguf_file=source.gguf_file, quant_config=quant_config)
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_dtype=kv_dtype,
             kv_cache_free_gpu_memory_fraction=0.9 if self.kv_cache_free_gpu_memory_fraction is None

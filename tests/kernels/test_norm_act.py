@@ -37,3 +37,38 @@ def test_silu_and_mul(shape, device):
     x = torch.randn(shape[0], 2 * shape[1], dtype=dtype, device=device)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(silu_and_mul(x), SiluAndMul()(x), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp8_out(with_residual, device):
+    """The FP8-quantizing variant equals the reference norm followed by quantize_fp8 (same scale, saturation)."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    t, n = 9, 576
+    ref = RMSNorm(n, 1e-5, dtype).to(device)
+    ref.weight.data = torch.randn(n, dtype=dtype, device=device)
+    x = torch.randn(t, n, dtype=dtype, device=device)
+    scale = torch.tensor(0.004, device=device)  # small enough that some values saturate at 448
+    res = torch.randn(t, n, dtype=dtype, device=device) if with_residual else None
+    if with_residual:
+        want, _ = ref(x, res.clone(), out_scale=scale)
+        got = rms_norm(x, ref.weight, 1e-5, res.clone(), out_scale=scale)
+    else:
+        want = ref(x, out_scale=scale)
+        got = rms_norm(x, ref.weight, 1e-5, out_scale=scale)
+    assert got.dtype == want.dtype == torch.float8_e4m3fn
+    assert (want.float().abs() == 448).any(), "the test should exercise saturation"
+    # one e4m3 step (12.5% relative) at most, from rounding the float32 input differently
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=0.125)
+    if dtype == torch.float32:
+        assert (got.float() == want.float()).float().mean() > 0.99
+
+
+def test_silu_and_mul_fp8_out(device):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    x = 3 * torch.randn(13, 2 * 1536, dtype=dtype, device=device)
+    scale = torch.tensor(0.02, device=device)
+    got, want = silu_and_mul(x, scale), SiluAndMul()(x, scale)
+    assert got.dtype == want.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=0.125)
+    if dtype == torch.float32:
+        assert (got.float() == want.float()).float().mean() > 0.99

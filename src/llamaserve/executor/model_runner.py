@@ -18,6 +18,7 @@ import torch
 from llamaserve.config import EngineConfig
 from llamaserve.engine.scheduler import SchedulerOutput
 from llamaserve.layers.attention import ForwardBatch
+from llamaserve.layers.quantization import calibrate_input_scales
 from llamaserve.layers.sampler import Sampler, SamplingMetadata
 from llamaserve.loader import get_model
 from llamaserve.models.llama import head_dim_of
@@ -56,6 +57,12 @@ class ModelRunner:
         self.attn_layers = self.model.attention_layers()
         self.num_kv_heads = self.attn_layers[0].num_kv_heads
         self.head_dim = head_dim_of(cfg)
+        qc = mc.quant_config
+        if mc.load_format == "dummy" and qc is not None and qc.static_input_scales:
+            n = min(512, config.scheduler_config.max_num_tokens, mc.max_seq_len)
+            ids = torch.randint(0, int(cfg.vocab_size), (n,), generator=torch.Generator().manual_seed(mc.seed))
+            count = calibrate_input_scales(self.model, lambda: self._dummy_run(n, ids.to(self.device)))
+            logger.info("FP8: calibrated the static input scales of %d layers on %d random tokens", count, n)
         self.num_blocks = cc.num_kv_blocks or self._profile_num_blocks()
         if self.num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise kv_cache_free_gpu_memory_fraction or "
@@ -108,14 +115,16 @@ class ModelRunner:
         return int(max(0, free - activation_peak) * cc.kv_cache_free_gpu_memory_fraction // self.block_bytes)
 
     @torch.inference_mode()
-    def _dummy_run(self, num_tokens: int) -> None:
-        """One prefill of num_tokens tokens through a temporary cache, to measure peak activation memory."""
+    def _dummy_run(self, num_tokens: int, ids: torch.Tensor | None = None) -> None:
+        """One prefill of num_tokens tokens (`ids`, else zeros) through a temporary cache: measures the peak
+        activation memory, and calibrates dummy FP8 input scales."""
         nb = -(-num_tokens // self.block_size)
         dtype = self.config.cache_config.kv_cache_dtype
         for layer in self.attn_layers:
             layer.kv_cache = torch.zeros((2, nb * self.block_size, self.num_kv_heads, self.head_dim),
                                          dtype=dtype, device=self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        if ids is None:
+            ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         slots = torch.arange(num_tokens, device=self.device)
         pos = slots % self.config.model_config.max_seq_len  # the RoPE table ends at max_seq_len
         batch = ForwardBatch(pos, slots, torch.arange(nb, device=self.device)[None],
@@ -126,7 +135,8 @@ class ModelRunner:
         self.model.compute_logits(hidden[-1:])
         for layer in self.attn_layers:
             layer.kv_cache = None
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def _generator(self, req_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:

@@ -3,7 +3,9 @@
 `rms_norm(x, weight, eps, residual)` returns norm(x + residual) and writes x + residual into `residual` in place
 (the layer's next residual), in one read of each input; the arithmetic follows transformers' LlamaRMSNorm
 (fp32 statistics, cast to the input dtype before the weight). `silu_and_mul(x)` takes the fused
-[T, 2 * I] gate-up output. References: layers/norm.py and layers/activation.py.
+[T, 2 * I] gate-up output. Both take `out_scale` (a float32 device scalar): the output is then written as
+float8_e4m3fn = value / out_scale saturated to +-448, ready for the next FP8 linear (no separate quantize pass).
+References: layers/norm.py and layers/activation.py.
 """
 
 from __future__ import annotations
@@ -14,8 +16,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def round_e4m3(y):
+    """fp32 -> the nearest float8_e4m3fn value (ties to even, saturating at 448), still as fp32.
+
+    The cast after it is then exact. NOTE: Triton's CPU interpreter rounds fp32 -> fp8 wrongly when the mantissa
+    carries into the exponent and for subnormals (31.1 -> 16); rounding here first gives the GPU's result on both.
+    """
+    y = tl.clamp(y, -448.0, 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # keep 3 mantissa bits, ties to even
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (y * 512.0 + 12582912.0) - 12582912.0  # subnormal step 2^-9; 1.5 * 2^23 rounds to an integer
+    return tl.where(tl.abs(y) < 0.015625, sub / 512.0, normal)
+
+
+@triton.jit
+def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr):
+    if HAS_SCALE:
+        y = round_e4m3(y.to(tl.float32) / tl.load(S))
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, N, eps,
+                     HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -28,40 +52,49 @@ def _rms_norm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
     h = h * tl.math.rsqrt(var + eps)
     w = tl.load(W + cols, mask=mask, other=0.0)
     y = w * h.to(x.dtype)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    _store_out(Y, row * stride_y + cols, y, mask, S, HAS_SCALE)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-             ) -> torch.Tensor:
+def _out(x: torch.Tensor, shape: tuple[int, ...], out_scale: torch.Tensor | None) -> torch.Tensor:
+    dtype = torch.float8_e4m3fn if out_scale is not None else x.dtype
+    return torch.empty(shape, dtype=dtype, device=x.device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, N]. With `residual` ([T, N], updated in place to x + residual), normalizes x + residual."""
     t, n = x.shape
-    y = torch.empty_like(x)
+    y = _out(x, (t, n), out_scale)
     if t == 0:
         return y
     r = residual if residual is not None else x
-    _rms_norm_kernel[(t,)](x, r, weight, y, x.stride(0), r.stride(0), y.stride(0), n, eps,
-                           HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    s = out_scale if out_scale is not None else weight
+    _rms_norm_kernel[(t,)](x, r, weight, y, s, x.stride(0), r.stride(0), y.stride(0), n, eps,
+                           HAS_RESIDUAL=residual is not None, HAS_SCALE=out_scale is not None,
+                           BLOCK=triton.next_power_of_2(n))
     return y
 
 
 @triton.jit
-def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, Y, S, stride_x, stride_y, N, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0)
     s = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-    tl.store(Y + row * stride_y + cols, (s * u).to(Y.dtype.element_ty), mask=mask)
+    _store_out(Y, row * stride_y + cols, s * u, mask, S, HAS_SCALE)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, 2 * I] -> silu(x[:, :I]) * x[:, I:]."""
     t, two_n = x.shape
     n = two_n // 2
-    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    y = _out(x, (t, n), out_scale)
     if t == 0:
         return y
     block = min(1024, triton.next_power_of_2(n))
-    _silu_mul_kernel[(t, triton.cdiv(n, block))](x, y, x.stride(0), y.stride(0), n, BLOCK=block)
+    s = out_scale if out_scale is not None else x
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](x, y, s, x.stride(0), y.stride(0), n,
+                                                 HAS_SCALE=out_scale is not None, BLOCK=block)
     return y

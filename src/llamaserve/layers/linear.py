@@ -3,7 +3,9 @@
 Column-parallel layers split the output features over `tp_size` ranks, row-parallel layers split the input
 features and all-reduce the result. Fused layers (QKV, gate-up) load each checkpoint part into its own slice
 through `weight_loader(param, loaded_weight, shard_id)`. The math lives in a `LinearMethod`, so models never
-branch on dtype: `UnquantizedLinearMethod` now; FP8 and NVFP4 methods join it later.
+branch on dtype: `UnquantizedLinearMethod`, or `Fp8LinearMethod` (layers/quantization.py) when a `QuantConfig`
+is given. Per-shard scales (`weight_scale`, `input_scale`) load into their shard's entry; the loader calls
+`finalize()` on every layer once all tensors are in, which gives a fused FP8 layer one shared scale.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llamaserve.layers.quantization import FP8, QuantConfig, dynamic_scale, quantize_fp8
 
 
 def _tp() -> tuple[int, int]:
@@ -21,7 +25,11 @@ def _tp() -> tuple[int, int]:
 
 
 class LinearMethod:
-    def create_weights(self, layer: LinearBase, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: LinearBase, in_features: int, out_features: int, dtype: torch.dtype,
+                       num_shards: int = 1) -> None:
+        raise NotImplementedError
+
+    def finalize(self, layer: LinearBase, shard_slices: list[tuple[int, int]]) -> None:
         raise NotImplementedError
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
@@ -29,8 +37,12 @@ class LinearMethod:
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    def create_weights(self, layer: LinearBase, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: LinearBase, in_features: int, out_features: int, dtype: torch.dtype,
+                       num_shards: int = 1) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def finalize(self, layer: LinearBase, shard_slices: list[tuple[int, int]]) -> None:
+        pass
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
@@ -39,21 +51,49 @@ class UnquantizedLinearMethod(LinearMethod):
 class LinearBase(nn.Module):
     """A linear layer holding its shard of `weight` [out_per_rank, in_per_rank] and optional `bias`."""
 
+    shard_ids: tuple = (None,)  # checkpoint parts a fused layer is made of, in storage order
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 method: LinearMethod | None = None) -> None:
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         self.tp_rank, self.tp_size = _tp()
         self.in_features, self.out_features = in_features, out_features
-        self.method = method or UnquantizedLinearMethod()
-        self.method.create_weights(self, in_features, out_features, dtype)
-        self.weight.weight_loader = self.weight_loader
+        self.method = (quant.linear_method(prefix) if quant is not None else None) or UnquantizedLinearMethod()
+        self.method.create_weights(self, in_features, out_features, dtype, len(self.shard_ids))
+        self.weight.weight_loader = self._load_weight
+        for name in ("weight_scale", "input_scale"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).weight_loader = self._scale_loader
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
+    @property
+    def static_input_scale(self) -> torch.Tensor | None:
+        """The FP8 input scale when this layer takes a statically quantized input, else None."""
+        return self.input_scale if getattr(self, "input_scale", None) is not None else None
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         _copy(param.data, loaded)
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """A higher-precision tensor into an FP8 weight (online quantization) gets its own per-tensor scale."""
+        if param.dtype == FP8 and loaded.dtype != FP8:
+            scale = dynamic_scale(loaded)
+            loaded = quantize_fp8(loaded, scale)
+            self.weight_scale.data[self.shard_ids.index(shard_id)] = scale
+        self.weight_loader(param, loaded, shard_id)
+
+    def _scale_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        param.data[self.shard_ids.index(shard_id)] = loaded.reshape(()).float()
+
+    def shard_slices(self) -> list[tuple[int, int]]:
+        """(row offset, rows) of each shard in `weight`."""
+        return [(0, self.weight.shape[0])]
+
+    def finalize(self) -> None:
+        self.method.finalize(self, self.shard_slices())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
@@ -72,11 +112,12 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """y = x W^T with W split by rows (output features) across ranks; output stays sharded."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
         _, tp_size = _tp()
         if out_features % tp_size:
             raise ValueError(f"output size {out_features} is not divisible by tp_size={tp_size}")
-        super().__init__(in_features, out_features // tp_size, bias, dtype)
+        super().__init__(in_features, out_features // tp_size, bias, dtype, quant, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         size = param.shape[0]
@@ -86,9 +127,14 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stored side by side (gate_proj and up_proj -> gate_up_proj)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
-        super().__init__(in_features, sum(output_sizes), bias, dtype)
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
+        self.shard_ids = tuple(range(len(output_sizes)))
+        super().__init__(in_features, sum(output_sizes), bias, dtype, quant, prefix)
         self.output_sizes = [s // self.tp_size for s in output_sizes]
+
+    def shard_slices(self) -> list[tuple[int, int]]:
+        return [(sum(self.output_sizes[:i]), size) for i, size in enumerate(self.output_sizes)]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
@@ -99,14 +145,20 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q_proj, k_proj and v_proj fused; each rank holds its query heads and its KV heads."""
 
+    shard_ids = ("q", "k", "v")
+
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, quant: QuantConfig | None = None, prefix: str = "") -> None:
         _, tp_size = _tp()
         self.num_heads = num_heads // tp_size
         self.num_kv_heads = max(1, num_kv_heads // tp_size)  # KV heads replicate when tp_size > num_kv_heads
         self.head_dim = head_dim
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, out, bias, dtype)
+        super().__init__(hidden_size, out, bias, dtype, quant, prefix)
+
+    def shard_slices(self) -> list[tuple[int, int]]:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return [(0, q), (q, kv), (q + kv, kv)]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -124,11 +176,12 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """y = x W^T with W split by columns (input features); partial results are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
         _, tp_size = _tp()
         if in_features % tp_size:
             raise ValueError(f"input size {in_features} is not divisible by tp_size={tp_size}")
-        super().__init__(in_features // tp_size, out_features, bias, dtype)
+        super().__init__(in_features // tp_size, out_features, bias, dtype, quant, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # bias is added once, after the reduction
@@ -140,6 +193,10 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.method.apply(self, x)
-        y = F.linear(x, self.weight)
+        bias, self.bias = self.bias, None  # the bias is added once, after the reduction
+        try:
+            y = self.method.apply(self, x)
+        finally:
+            self.bias = bias
         torch.distributed.all_reduce(y)
         return y + self.bias if self.bias is not None else y

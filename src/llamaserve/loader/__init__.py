@@ -2,7 +2,9 @@
 
 Formats: `safetensors` (a HF directory, sharded or not; the index is honoured when present), `gguf`
 (dequantized through transformers, see gguf_loader.py) and `dummy` (random weights at the real shapes, seeded,
-norms at 1 so activations stay finite).
+norms at 1 so activations stay finite). With an FP8 `QuantConfig`, dummy FP8 weights are drawn in float32 and
+quantized per tensor (scale = amax / 448, about 1.1e-4); their static input scales are calibrated later by the
+model runner (`calibrate_input_scales`), once a KV cache exists to run a batch through.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 from llamaserve.config import ModelConfig
+from llamaserve.layers.linear import LinearBase
+from llamaserve.layers.quantization import FP8, quantize_fp8
 from llamaserve.models.registry import get_model_class
 
 
@@ -37,21 +41,44 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith("_scale"):  # FP8 scales: set by _init_fp8, or calibrated (input_scale)
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
             if p.device not in generators:
                 generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            if p.dtype == FP8:
+                _init_fp8(model.get_submodule(name.rsplit(".", 1)[0]), p, generators[p.device])
+                continue
             p.uniform_(-0.05, 0.05, generator=generators[p.device])
+
+
+def _init_fp8(layer: nn.Module, p: torch.Tensor, gen: torch.Generator, rows: int = 4096) -> None:
+    """uniform(-0.05, 0.05) quantized with one per-tensor scale, drawn in row chunks to bound the float32 copy."""
+    scale = torch.tensor(0.05 / torch.finfo(FP8).max, device=p.device)
+    for start in range(0, p.shape[0], rows):
+        part = p[start : start + rows]
+        part.copy_(quantize_fp8(torch.empty(part.shape, device=p.device).uniform_(-0.05, 0.05, generator=gen), scale))
+    layer.weight_scale.fill_(scale.item())
+
+
+def finalize_layers(model: nn.Module) -> None:
+    """Per-layer post-load step: fused FP8 layers get one shared weight (and input) scale."""
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.finalize()
 
 
 def get_model(model_config: ModelConfig, device: torch.device, backend: str = "torch") -> nn.Module:
     cfg = model_config.hf_config
     cls = get_model_class(cfg)
+    quant = model_config.quant_config
     with torch.device(device):
-        model = cls(cfg, model_config.max_seq_len, model_config.dtype, backend)
+        model = cls(cfg, model_config.max_seq_len, model_config.dtype, backend, quant)
     if model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
+        finalize_layers(model)
         return model.eval()
     if model_config.load_format == "gguf":
         from llamaserve.loader.gguf_loader import iter_gguf_weights
@@ -61,7 +88,10 @@ def get_model(model_config: ModelConfig, device: torch.device, backend: str = "t
         weights = iter_safetensors(model_config.model)
     loaded = model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
+    if quant is not None and quant.online:  # scales come from quantizing at load, not from the checkpoint
+        expected = {n for n in expected if not n.endswith("_scale")}
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_config.model} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    finalize_layers(model)
     return model.eval()

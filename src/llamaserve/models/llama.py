@@ -18,6 +18,7 @@ from llamaserve.layers.attention import Attention, ForwardBatch
 from llamaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llamaserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from llamaserve.layers.norm import RMSNorm
+from llamaserve.layers.quantization import QuantConfig
 from llamaserve.layers.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -26,14 +27,16 @@ def head_dim_of(cfg: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str) -> None:
+    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         self.head_dim = head_dim_of(cfg)
         bias = bool(getattr(cfg, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias, dtype)
+                                          cfg.num_key_value_heads, bias, dtype, quant, f"{prefix}.qkv_proj")
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype,
+                                        quant, f"{prefix}.o_proj")
         theta, scaling = rope_parameters(cfg)
         self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
@@ -47,46 +50,53 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, dtype: torch.dtype, backend: str = "torch") -> None:
+    def __init__(self, cfg: Any, dtype: torch.dtype, backend: str = "torch", quant: QuantConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; Llama models use 'silu'")
         bias = bool(getattr(cfg, "mlp_bias", False))
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, dtype)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, dtype, quant,
+                                                       f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, dtype, quant, f"{prefix}.down_proj")
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # the activation writes FP8 directly when down_proj takes a static-scaled FP8 input
+        return self.down_proj(self.act_fn(self.gate_up_proj(x), self.down_proj.static_input_scale))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str) -> None:
+    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, max_position, dtype, backend)
-        self.mlp = LlamaMLP(cfg, dtype, backend)
+        self.self_attn = LlamaAttention(cfg, max_position, dtype, backend, quant, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(cfg, dtype, backend, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        # the norms write FP8 directly when the next projection takes a static-scaled FP8 input
+        qkv_scale = self.self_attn.qkv_proj.static_input_scale
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, out_scale=qkv_scale)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale)
         x = self.self_attn(positions, x, batch)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, out_scale=self.mlp.gate_up_proj.static_input_scale)
         return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str) -> None:
+    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position, dtype, backend)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position, dtype, backend, quant, f"model.layers.{i}")
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -105,10 +115,11 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str = "torch") -> None:
+    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str = "torch",
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_position, dtype, backend)
+        self.model = LlamaModel(cfg, max_position, dtype, backend, quant)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         if getattr(cfg, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -144,6 +155,6 @@ class LlamaForCausalLM(nn.Module):
                 if loader is None:
                     param.data.copy_(tensor)
                 else:
-                    loader(param, tensor.to(param.dtype), shard_id)
+                    loader(param, tensor, shard_id)  # loaders cast (and quantize, for FP8 weights)
             loaded.add(name)
         return loaded

@@ -1,0 +1,130 @@
+"""Quantization methods a linear layer holds: FP8 W8A8 with per-tensor scales (ModelOpt / TensorRT-LLM layout).
+
+`Fp8LinearMethod` stores `weight` [out, in] as float8_e4m3fn (value = weight * weight_scale), one float32
+`weight_scale` per checkpoint shard while loading, and `input_scale` (static activation scale) when the checkpoint
+has one. After loading, `finalize()` folds the shard scales of a fused layer (QKV, gate-up) into one shared scale
+(the largest; the other shards are re-quantized to it) and does the same for the input scales, so the fused layer
+is one `torch._scaled_mm`. Activations: static scale when there is one (x / input_scale, saturated to +-448),
+dynamic per-tensor otherwise (amax / 448, computed on the device: no host sync, CUDA-graph safe). A caller may pass
+an input already quantized with `static_input_scale` (the fused RMSNorm / SiLU kernels do), which skips the step.
+
+`torch._scaled_mm` runs on CUDA (FP8 tensor cores) and on CPU; `reference_fp8_linear` is the spec it is tested
+against (dequantize both operands, matmul in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated to the e4m3 range, as float8_e4m3fn."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale amax / 448 as a float32 device tensor (never zero)."""
+    return (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12).reshape(())
+
+
+def reference_fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    y = (xq.float() * x_scale) @ (w.float() * w_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@dataclass
+class QuantConfig:
+    """What the checkpoint (or --quantization) asks for. `method` is "fp8"; NVFP4 joins with the ModelOpt loader."""
+
+    method: str = "fp8"
+    static_input_scales: bool = True  # ModelOpt FP8 checkpoints carry input_scale; dummy weights are calibrated
+    online: bool = False  # the checkpoint holds bf16/fp16 weights: quantize them per tensor while loading
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+
+    def linear_method(self, prefix: str = "") -> Fp8LinearMethod | None:
+        if any(part and part in prefix for part in self.exclude_modules):
+            return None
+        return Fp8LinearMethod(self.static_input_scales)
+
+
+class Fp8LinearMethod:
+    """W8A8 FP8 per-tensor. See the module docstring for the layout."""
+
+    def __init__(self, static_input_scale: bool = True) -> None:
+        self.static = static_input_scale
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype,
+                       num_shards: int = 1) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        layer.weight_scale = nn.Parameter(torch.ones(num_shards, dtype=torch.float32), requires_grad=False)
+        layer.input_scale = (nn.Parameter(torch.ones(num_shards, dtype=torch.float32), requires_grad=False)
+                             if self.static else None)
+        layer.out_dtype = dtype
+
+    def finalize(self, layer: nn.Module, shard_slices: list[tuple[int, int]]) -> None:
+        """One weight scale (and one input scale) for the whole fused weight."""
+        ws = layer.weight_scale.data
+        if ws.numel() > 1:
+            shared = ws.max()
+            for (offset, size), s in zip(shard_slices, ws):
+                if s != shared:
+                    part = layer.weight.data.narrow(0, offset, size)
+                    part.copy_(quantize_fp8(part.float() * s, shared))
+            layer.weight_scale = nn.Parameter(shared.reshape(()), requires_grad=False)
+        else:
+            layer.weight_scale = nn.Parameter(ws.reshape(()), requires_grad=False)
+        if layer.input_scale is not None:
+            layer.input_scale = nn.Parameter(layer.input_scale.data.max().reshape(()), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == FP8:  # quantized upstream with layer.input_scale
+            xq, sx = x, layer.input_scale
+        elif layer.input_scale is not None:
+            sx = layer.input_scale
+            xq = quantize_fp8(x, sx)
+        else:
+            sx = dynamic_scale(x)
+            xq = quantize_fp8(x, sx)
+        shape = xq.shape
+        xq = xq.reshape(-1, shape[-1])
+        y = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale, bias=layer.bias,
+                             out_dtype=layer.out_dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+@torch.no_grad()
+def calibrate_input_scales(model: nn.Module, run: Callable[[], None]) -> int:
+    """Static input scales from one calibration batch: each FP8 layer's input amax / 448 (ModelOpt's max
+    calibration). `run` pushes the batch through the model; the layers use dynamic scales meanwhile.
+    Returns how many layers were calibrated."""
+    layers = [m for m in model.modules()
+              if isinstance(getattr(m, "method", None), Fp8LinearMethod) and m.input_scale is not None]
+    amax = {id(m): torch.zeros((), device=m.weight.device) for m in layers}
+    hooks = []
+    for m in layers:
+        m.input_scale = None
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            acc = amax[id(module)]
+            acc.copy_(torch.maximum(acc, args[0].abs().amax().float()))
+
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in layers:
+            scale = (amax[id(m)] / FP8_MAX).clamp(min=1e-6)
+            m.input_scale = nn.Parameter(scale, requires_grad=False)
+    return len(layers)
