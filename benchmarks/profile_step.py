@@ -1,6 +1,7 @@
 """Per-step time breakdown with torch.profiler: where a decode step of dummy Llama-3.1-8B bf16 goes.
 
-    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend]   # writes $OUT/profile_b{N}.json
+    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend] [fp8]
+    # writes $OUT/profile_b{N}[_fp8].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8
 
 Runs `batch_size` requests of 128 prompt tokens to steady decode, then profiles 20 decode steps. GPU kernel time
 is summed by category (attention, GEMM, norm, activation, sampling, copies, other); "GPU idle" is the wall
@@ -41,8 +42,10 @@ def category(name: str) -> str:
 def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
+    fp8 = len(sys.argv) > 3 and sys.argv[3] == "fp8"
+    extra = {"quantization": "fp8", "kv_cache_dtype": "fp8"} if fp8 else {}
     llm = LLM("llama-3.1-8b", load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.5,
-              kernel_backend=backend)
+              kernel_backend=backend, max_batch_size=max(256, batch), **extra)
     params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
     for i in range(batch):
         llm.add_request([(7 * i + j) % 100000 + 10 for j in range(128)], params)
@@ -65,6 +68,7 @@ def main() -> None:
             launches += evt.count
     busy = sum(by_cat.values())
     res = {"device": torch.cuda.get_device_name(0), "batch_size": batch, "backend": llm.config.kernel_backend,
+           "fp8": fp8,
            "steps": steps, "step_wall_ms": wall * 1e3 / steps,
            "gpu_busy_ms_per_step": busy / steps,
            "gpu_idle_ms_per_step": wall * 1e3 / steps - busy / steps,
@@ -74,7 +78,7 @@ def main() -> None:
                           for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total",
                                                                                            0) or 0))[:12]]
     print(json.dumps(res, indent=1))
-    with open(os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}.json"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}{'_fp8' if fp8 else ''}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 

@@ -67,3 +67,23 @@ def test_matches_reference(case, kv_dtype, device):
                           k_scale, v_scale)
     tol = 2e-5 if dtype == torch.float32 and kv_dtype == "model" else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_fp8_output(device):
+    """With out_scale the kernel writes the reference output quantized to FP8 (what a static-scaled o_proj takes)."""
+    from llamaserve.layers.quantization import quantize_fp8
+
+    hq, hkv, d, bs = 8, 2, 64, 16
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    ctx, ql = [40, 9], [40, 1]
+    num_blocks = 8
+    batch = _batch(ctx, ql, bs, num_blocks, device, gen)
+    cache = torch.randn(2, num_blocks * bs, hkv, d, generator=gen).to(device, dtype)
+    q = torch.randn(sum(ql), hq, d, generator=gen).to(device, dtype)
+    out_scale = torch.tensor(0.002, device=device)
+    want = quantize_fp8(paged_attention_torch(q, cache, batch, d**-0.5), out_scale)
+    got = paged_attention(q, cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, ql, bs, d**-0.5,
+                          out_scale=out_scale)
+    assert got.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=0.13)  # at most one e4m3 step apart

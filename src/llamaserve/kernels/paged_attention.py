@@ -4,7 +4,8 @@ One program handles a tile of query tokens of one request against one KV head, w
 group packed into the rows of the tile (row r = token r // G, head kv_head * G + r % G), so a decode step (one
 token) still fills G rows of the MMA. The keys and values are walked in tiles of `BLOCK_N` positions through the
 request's block table, with an online softmax in fp32. FP8 caches hold value / scale and are dequantized with the
-per-layer `k_scale` / `v_scale` on load.
+per-layer `k_scale` / `v_scale` on load. With `out_scale` the output is written as FP8 (value / out_scale, for an
+FP8 o_proj with a static input scale).
 
 The tile table (which request and which query tokens each program takes) is built on the host from the step's
 query lengths, which the scheduler knows anyway; `paged_attention_torch` in layers/attention.py is the reference.
@@ -16,15 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
+from llamaserve.kernels.norm_act import round_e4m3
+
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, K, V, Out, block_tables, seq_lens, query_start, tile_req, tile_tok,
+    Q, K, V, Out, OutScale, block_tables, seq_lens, query_start, tile_req, tile_tok,
     scale, k_scale, v_scale,
     stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_bt,
     GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -73,6 +76,8 @@ def _paged_attn_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if HAS_OUT_SCALE:
+        out = round_e4m3(out.to(q.dtype).to(tl.float32) / tl.load(OutScale))
     o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -111,14 +116,14 @@ def step_tiles(cache: dict, query_lens: list[int], group: int, device: torch.dev
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
-                    launch: dict | None = None) -> torch.Tensor:
-    """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype)."""
+                    launch: dict | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype, or FP8 with `out_scale`)."""
     t, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
     group = num_q_heads // num_kv_heads
     block_m, tok_per_tile = tile_shape(group, query_lens)
     tile_req, tile_tok = tiles if tiles is not None else step_tiles({}, query_lens, group, q.device)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, dtype=torch.float8_e4m3fn if out_scale is not None else q.dtype)
     if tile_req.numel() == 0:
         return out
     k, v = kv_cache[0], kv_cache[1]
@@ -128,12 +133,14 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     block_n = launch.pop("BLOCK_N", block_n)
     grid = (tile_req.numel(), num_kv_heads)
     _paged_attn_kernel[grid](
-        q, k, v, out, block_tables, seq_lens, query_start_loc, tile_req, tile_tok,
+        q, k, v, out, out_scale if out_scale is not None else q, block_tables, seq_lens, query_start_loc,
+        tile_req, tile_tok,
         scale, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
+        HAS_OUT_SCALE=out_scale is not None,
         **launch,
     )
     return out

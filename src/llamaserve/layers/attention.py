@@ -6,7 +6,9 @@ stored = value / scale). Token t of a step is written to slot `slot_mapping[t]`;
 through `block_tables[i]`. A step mixes prefills, prefill chunks and decodes: request i contributes
 `query_lens[i]` new tokens at the end of a context of `seq_lens[i]` tokens (causal within the context).
 
-Backends: "torch" (the reference, any device) is here; "triton" runs kernels/paged_attention.py.
+Backends: "torch" (the reference, any device) is here; "triton" runs kernels/paged_attention.py, and
+`forward_qkv` (RoPE + KV write + attention from the fused QKV output) runs kernels/rope_kv.py first, with the
+output quantized to FP8 in the attention kernel when o_proj takes a static-scaled FP8 input.
 """
 
 from __future__ import annotations
@@ -115,10 +117,30 @@ class Attention(nn.Module):
             out = paged_attention_torch(q, self.kv_cache, batch, self.scale, self.k_scale, self.v_scale)
         return out.reshape(t, self.num_heads * self.head_dim)
 
-    def _triton(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: nn.Module, batch: ForwardBatch,
+                    out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """qkv: [T, (Hq + 2 Hkv) * D] straight from the fused projection -> [T, Hq * D] (FP8 with `out_scale`)."""
+        d = self.head_dim
+        if self.backend != "triton" or d & (d - 1) or self.kv_cache is None:
+            q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+            q, k = rotary(positions, q, k)
+            out = self.forward(q, k, v, batch)
+            if out_scale is not None:
+                from llamaserve.layers.quantization import quantize_fp8
+
+                out = quantize_fp8(out, out_scale)
+            return out
+        from llamaserve.kernels.rope_kv import rope_and_write_kv
+
+        t = qkv.shape[0]
+        q = rope_and_write_kv(qkv, positions, rotary.cos_cache, rotary.sin_cache, self.kv_cache, batch.slot_mapping,
+                              self.num_heads, self.num_kv_heads, d, self.k_scale, self.v_scale)
+        return self._triton(q, batch, out_scale).reshape(t, self.num_heads * d)
+
+    def _triton(self, q: torch.Tensor, batch: ForwardBatch, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         from llamaserve.kernels import paged_attention as pa
 
         tiles = pa.step_tiles(batch.cache, batch.query_lens_cpu, self.num_heads // self.num_kv_heads, q.device)
         return pa.paged_attention(q, self.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                   batch.query_lens_cpu, batch.block_size, self.scale, self.k_scale, self.v_scale,
-                                  tiles=tiles)
+                                  tiles=tiles, out_scale=out_scale)

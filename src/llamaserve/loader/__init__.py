@@ -2,9 +2,11 @@
 
 Formats: `safetensors` (a HF directory, sharded or not; the index is honoured when present), `gguf`
 (dequantized through transformers, see gguf_loader.py) and `dummy` (random weights at the real shapes, seeded,
-norms at 1 so activations stay finite). With an FP8 `QuantConfig`, dummy FP8 weights are drawn in float32 and
-quantized per tensor (scale = amax / 448, about 1.1e-4); their static input scales are calibrated later by the
-model runner (`calibrate_input_scales`), once a KV cache exists to run a batch through.
+norms at 1; a matrix with `fan_in` input features is uniform in +-1/sqrt(fan_in), so activations keep their size
+through the depth of the model, as in a trained one, rather than growing layer by layer). With an FP8
+`QuantConfig`, dummy FP8 weights are drawn the same way and quantized per tensor (scale = bound / 448); their
+static input scales are calibrated later by the model runner (`calibrate_input_scales`), once a KV cache exists
+to run a batch through.
 """
 
 from __future__ import annotations
@@ -48,18 +50,20 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
                 continue
             if p.device not in generators:
                 generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            bound = p.shape[-1] ** -0.5 if p.dim() == 2 else 0.05
             if p.dtype == FP8:
-                _init_fp8(model.get_submodule(name.rsplit(".", 1)[0]), p, generators[p.device])
+                _init_fp8(model.get_submodule(name.rsplit(".", 1)[0]), p, bound, generators[p.device])
                 continue
-            p.uniform_(-0.05, 0.05, generator=generators[p.device])
+            p.uniform_(-bound, bound, generator=generators[p.device])
 
 
-def _init_fp8(layer: nn.Module, p: torch.Tensor, gen: torch.Generator, rows: int = 4096) -> None:
-    """uniform(-0.05, 0.05) quantized with one per-tensor scale, drawn in row chunks to bound the float32 copy."""
-    scale = torch.tensor(0.05 / torch.finfo(FP8).max, device=p.device)
+def _init_fp8(layer: nn.Module, p: torch.Tensor, bound: float, gen: torch.Generator, rows: int = 4096) -> None:
+    """uniform(-bound, bound) quantized with one per-tensor scale, in row chunks to bound the float32 copy."""
+    scale = torch.tensor(bound / torch.finfo(FP8).max, device=p.device)
     for start in range(0, p.shape[0], rows):
         part = p[start : start + rows]
-        part.copy_(quantize_fp8(torch.empty(part.shape, device=p.device).uniform_(-0.05, 0.05, generator=gen), scale))
+        drawn = torch.empty(part.shape, device=p.device).uniform_(-bound, bound, generator=gen)
+        part.copy_(quantize_fp8(drawn, scale))
     layer.weight_scale.fill_(scale.item())
 
 

@@ -26,9 +26,14 @@ def head_dim_of(cfg: Any) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
+def make_rotary(cfg: Any, max_position: int) -> RotaryEmbedding:
+    theta, scaling = rope_parameters(cfg)
+    return RotaryEmbedding(head_dim_of(cfg), max_position, theta, scaling)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str,
-                 quant: QuantConfig | None = None, prefix: str = "") -> None:
+                 quant: QuantConfig | None = None, prefix: str = "", rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim_of(cfg)
         bias = bool(getattr(cfg, "attention_bias", False))
@@ -37,16 +42,14 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype,
                                         quant, f"{prefix}.o_proj")
-        theta, scaling = rope_parameters(cfg)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
+        self.rotary_emb = rotary or make_rotary(cfg, max_position)  # one cos/sin table shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        # RoPE, the KV-cache write and attention; the output is FP8 when o_proj takes a static-scaled FP8 input
+        out = self.attn.forward_qkv(qkv, positions, self.rotary_emb, batch, self.o_proj.static_input_scale)
+        return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
@@ -69,9 +72,9 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str,
-                 quant: QuantConfig | None = None, prefix: str = "") -> None:
+                 quant: QuantConfig | None = None, prefix: str = "", rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, max_position, dtype, backend, quant, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(cfg, max_position, dtype, backend, quant, f"{prefix}.self_attn", rotary)
         self.mlp = LlamaMLP(cfg, dtype, backend, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
@@ -95,8 +98,9 @@ class LlamaModel(nn.Module):
                  quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position, dtype, backend, quant, f"model.layers.{i}")
-                                    for i in range(cfg.num_hidden_layers))
+        rotary = make_rotary(cfg, max_position)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position, dtype, backend, quant, f"model.layers.{i}",
+                                                      rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Fused RoPE + KV-cache write against RotaryEmbedding + write_kv_torch, on fresh random inputs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llamaserve.kernels.rope_kv import rope_and_write_kv
+from llamaserve.layers.attention import write_kv_torch
+from llamaserve.layers.rotary import RotaryEmbedding
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64), (4, 4, 32)])
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_matches_reference(heads, kv_dtype, device):
+    hq, hkv, d = heads
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    rope = RotaryEmbedding(d, 4096, 500000.0, LLAMA3).to(device)
+    t, num_slots = 11, 64
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
+    positions = torch.randint(0, 4096, (t,), generator=gen).to(device)
+    slots = torch.randperm(num_slots, generator=gen)[:t].to(device)
+    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
+    k_scale, v_scale = (0.02, 0.03) if kv_dtype == "fp8" else (1.0, 1.0)
+    want_cache = torch.zeros(2, num_slots, hkv, d, dtype=cache_dtype, device=device)
+    got_cache = want_cache.clone()
+
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    want_q, want_k = rope(positions, q, k)
+    write_kv_torch(want_cache, want_k.view(t, hkv, d), v.reshape(t, hkv, d), slots, k_scale, v_scale)
+    got_q = rope_and_write_kv(qkv, positions, rope.cos_cache, rope.sin_cache, got_cache, slots, hq, hkv, d,
+                              k_scale, v_scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_q, want_q.view(t, hq, d), atol=tol, rtol=tol)
+    if kv_dtype == "fp8":  # one e4m3 step apart at most (the rotated k may round differently in the last bit)
+        torch.testing.assert_close(got_cache.float(), want_cache.float(), atol=1e-3, rtol=0.13)
+        assert (got_cache.float() == want_cache.float()).float().mean() > 0.98
+    else:
+        torch.testing.assert_close(got_cache, want_cache, atol=tol, rtol=tol)
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=device)
+    untouched[slots] = False
+    assert (got_cache[:, untouched].float() == 0).all()
