@@ -113,6 +113,7 @@ class EngineConfig:
     kernel_backend: str
     cuda_graph_sizes: list[int] = dataclasses.field(default_factory=list)  # empty: no CUDA graphs
     cuda_graph_padding: bool = True
+    overlap_scheduling: bool = False
 
 
 @dataclass
@@ -144,6 +145,8 @@ class EngineArgs:
     cuda_graph_batch_sizes: list[int] | str | None = None  # None: 1, 2, 4, 8, 16, ... up to the max below
     cuda_graph_max_batch_size: int | None = None  # None: max_batch_size
     cuda_graph_padding: bool = True  # pad a decode batch up to the next captured size
+    overlap_scheduling: bool | None = None  # None: on with CUDA (vLLM async_scheduling, TRT-LLM's default)
+    disable_overlap_scheduler: bool = False  # TensorRT-LLM's spelling of overlap_scheduling=False
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -240,8 +243,14 @@ class EngineArgs:
             max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens, max_seq_len=max_seq_len,
             enable_chunked_prefill=self.enable_chunked_prefill)
         backend = _kernel_backend(self.kernel_backend, device)
+        if self.overlap_scheduling and self.disable_overlap_scheduler:
+            raise ConfigError("overlap_scheduling=true contradicts disable_overlap_scheduler=true; set one of them.")
+        overlap = self.overlap_scheduling
+        if overlap is None:
+            overlap = device.type == "cuda" and not self.disable_overlap_scheduler
         return EngineConfig(model_config, cache_config, scheduler_config, ParallelConfig(self.tp_size, 0),
-                            device, backend, self._cuda_graph_sizes(device, backend), self.cuda_graph_padding)
+                            device, backend, self._cuda_graph_sizes(device, backend), self.cuda_graph_padding,
+                            overlap)
 
     def _cuda_graph_sizes(self, device: torch.device, backend: str) -> list[int]:
         """Decode batch sizes to capture: none on CPU, with enforce_eager, or with the torch reference kernels."""

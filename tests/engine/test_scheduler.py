@@ -41,11 +41,11 @@ class ListRunner:
 
 
 def make_core(num_blocks: int, block_size: int, max_num_tokens: int, max_batch_size: int, max_seq_len: int,
-              prefix_caching: bool, chunked: bool = True, seed: int = 0) -> EngineCore:
+              prefix_caching: bool, chunked: bool = True, seed: int = 0, overlap: bool = False) -> EngineCore:
     mc = ModelConfig("list", None, "dummy", SimpleNamespace(vocab_size=VOCAB), torch.float32, max_seq_len, 0)
     cfg = EngineConfig(mc, CacheConfig(block_size, torch.float32, 0.9, prefix_caching),
                        SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len, chunked), ParallelConfig(),
-                       torch.device("cpu"), "torch")
+                       torch.device("cpu"), "torch", overlap_scheduling=overlap)
     return EngineCore(cfg, runner=ListRunner(num_blocks, seed))
 
 
@@ -68,12 +68,17 @@ def check_invariants(core: EngineCore, sched: SchedulerOutput) -> None:
     assert set(kv.req_blocks) <= set(sc.requests)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_workload_invariants(prefix_caching, seed):
+def test_random_workload_invariants(prefix_caching, seed, overlap):
+    """Random arrivals, lengths, EOS and aborts; with overlap scheduling, results arrive one step late and
+    placeholders stand for tokens in flight. Every request ends, no block leaks, outputs respect the limits."""
     rng = random.Random(seed)
     core = make_core(num_blocks=40, block_size=4, max_num_tokens=32, max_batch_size=8, max_seq_len=120,
-                     prefix_caching=prefix_caching, seed=seed)
+                     prefix_caching=prefix_caching, seed=seed, overlap=overlap)
+    emitted: dict[str, list[int]] = {}
+    limits: dict[str, SamplingParams] = {}
     shared = [rng.randrange(VOCAB) for _ in range(20)]  # common prefixes make cache hits happen
     added, steps, aborted = {}, 0, set()
     finished: dict[str, str] = {}
@@ -83,8 +88,10 @@ def test_random_workload_invariants(prefix_caching, seed):
         params = SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=rng.random() < 0.5)
         core.add_request(str(i), prompt, params, eos_token_ids={0})
         added[str(i)] = steps
+        limits[str(i)] = params
         for _ in range(rng.randint(0, 2)):
             for out in core.step():
+                emitted.setdefault(out.request_id, []).extend(out.new_token_ids)
                 if out.finished:
                     finished[out.request_id] = out.finish_reason
             steps += 1
@@ -96,12 +103,21 @@ def test_random_workload_invariants(prefix_caching, seed):
             aborted.add(victim)
     while core.has_unfinished_requests():
         for out in core.step():
+            emitted.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.finished:
                 finished[out.request_id] = out.finish_reason
         check_invariants(core, core.runner.steps[-1])
         steps += 1
         assert steps < 10_000, "requests starved"
     assert set(finished) | aborted >= set(added)
+    assert core.pending is None
+    for rid, reason in finished.items():
+        toks, params = emitted[rid], limits[rid]
+        assert -1 not in toks and 0 < len(toks) <= params.max_tokens
+        if reason == "length":
+            assert len(toks) == params.max_tokens
+        else:
+            assert reason == "stop" and toks[-1] == 0 and 0 not in toks[:-1] and not params.ignore_eos
     assert core.kv_cache_manager.num_free_blocks == 40, "blocks leaked"
     assert not core.kv_cache_manager.req_blocks
     assert core.scheduler.num_preemptions > 0, "the workload should have preempted"

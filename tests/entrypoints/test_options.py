@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaserve.config import ConfigError
+from llamaserve.config import ConfigError, EngineArgs
 from llamaserve.entrypoints import options
 from llamaserve.entrypoints.cli import build_parser
 
@@ -55,7 +55,7 @@ def test_vllm_recipe_yamls(name, caplog):
                     "--max-num-seqs", "512", "--max-model-len", "10240")
     assert args.kv_cache_dtype == "fp8" and args.enable_prefix_caching is False
     assert (args.max_num_tokens, args.max_batch_size, args.max_seq_len, args.tp_size) == (8192, 512, 10240, 1)
-    assert "ignoring async_scheduling=True" in caplog.text
+    assert args.overlap_scheduling is True and "async_scheduling" not in caplog.text  # acted on, not ignored
     if "Blackwell" in name:
         assert "ignoring compilation_config=" in caplog.text
 
@@ -215,3 +215,16 @@ def test_cuda_graph_options_resolve(tmp_path):
     args, _ = parse("--cuda-graph-batch-sizes", "1,x")
     with pytest.raises(ConfigError, match="cuda_graph_batch_sizes"):
         args._cuda_graph_sizes(torch.device("cuda"), "triton")
+
+
+def test_overlap_scheduling_spellings():
+    assert parse("--disable_overlap_scheduler")[0].disable_overlap_scheduler is True
+    assert parse("--async-scheduling")[0].overlap_scheduling is True
+    assert parse("--no-async-scheduling")[0].overlap_scheduling is False
+    cfg = EngineArgs(model="smollm2-135m", load_format="dummy", device="cpu")
+    assert cfg.create_engine_config().overlap_scheduling is False  # auto: on with CUDA only
+    cfg = EngineArgs(model="smollm2-135m", load_format="dummy", device="cpu", overlap_scheduling=True)
+    assert cfg.create_engine_config().overlap_scheduling is True
+    with pytest.raises(ConfigError, match="disable_overlap_scheduler"):
+        EngineArgs(model="smollm2-135m", load_format="dummy", device="cpu", overlap_scheduling=True,
+                   disable_overlap_scheduler=True).create_engine_config()

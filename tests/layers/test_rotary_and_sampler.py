@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llamaserve.layers.rotary import inv_frequencies, rope_parameters
-from llamaserve.layers.sampler import Sampler, SamplingMetadata
+from llamaserve.layers.sampler import Sampler, SamplingMetadata, row_seed
 from llamaserve.sampling_params import SamplingParams
 
 
@@ -21,36 +21,36 @@ def test_llama3_inv_freq_matches_transformers():
     assert torch.equal(inv_frequencies(128, theta, scaling), ref)
 
 
-def md(params, outputs=None, prompts=None, gens=None):
+def md(params, outputs=None, prompts=None, seeds=None):
     n = len(params)
-    return SamplingMetadata(params, gens or [None] * n, outputs or [[] for _ in range(n)],
+    return SamplingMetadata(params, seeds or list(range(n)), outputs or [[] for _ in range(n)],
                             prompts or [[0] for _ in range(n)], [[] for _ in range(n)])
 
 
 def test_filters_reduce_to_greedy_when_they_keep_one_token():
     gen = torch.Generator().manual_seed(0)
-    sampler = Sampler(torch.Generator().manual_seed(1))
+    sampler = Sampler()
     logits = torch.randn(4, 100, generator=gen)
     params = [SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(min_p=1.0),
               SamplingParams(temperature=0)]
-    for _ in range(5):
-        assert torch.equal(sampler(logits.clone(), md(params)).sampled, logits.argmax(-1))
+    for it in range(5):
+        assert torch.equal(sampler(logits.clone(), md(params, seeds=[it] * 4)).sampled, logits.argmax(-1))
 
 
 def test_top_k_top_p_keep_only_allowed_tokens():
-    sampler = Sampler(torch.Generator().manual_seed(0))
+    sampler = Sampler()
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
     params = [SamplingParams(top_k=2), SamplingParams(top_p=0.7)]  # top_p: 0.5 + 0.3 covers 0.7
     seen = [set(), set()]
-    for _ in range(200):
-        out = sampler(logits.clone(), md(params)).sampled.tolist()
+    for it in range(200):
+        out = sampler(logits.clone(), md(params, seeds=[2 * it, 2 * it + 1])).sampled.tolist()
         seen[0].add(out[0])
         seen[1].add(out[1])
     assert seen == [{0, 1}, {0, 1}]
 
 
 def test_penalties():
-    sampler = Sampler(torch.Generator().manual_seed(0))
+    sampler = Sampler()
     logits = torch.tensor([[2.0, 1.9, -1.0, 0.05]])
     # repetition: token 0 (seen in prompt) 2.0 / 2 = 1.0 < 1.9 -> token 1
     assert sampler(logits.clone(), md([SamplingParams(temperature=0, repetition_penalty=2.0)],
@@ -66,16 +66,16 @@ def test_penalties():
 def test_seeded_rows_ignore_their_neighbours():
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3))
     p = SamplingParams(temperature=1.0, seed=5)
-    a = [Sampler(torch.Generator().manual_seed(0))(logits.clone(), md([p], gens=[torch.Generator().manual_seed(5)]))
-         .sampled.item() for _ in range(3)]
+    a = [Sampler()(logits.clone(), md([p], seeds=[row_seed(5, 7)])).sampled.item() for _ in range(3)]
     crowd = torch.cat([torch.randn(3, 1000), logits])
-    b = Sampler(torch.Generator().manual_seed(9))(
-        crowd, md([SamplingParams()] * 3 + [p], gens=[None] * 3 + [torch.Generator().manual_seed(5)]))
+    b = Sampler()(crowd, md([SamplingParams()] * 3 + [p], seeds=[11, 12, 13, row_seed(5, 7)]))
     assert len(set(a)) == 1 and b.sampled[3].item() == a[0]
+    other = {Sampler()(logits.clone(), md([p], seeds=[row_seed(5, i)])).sampled.item() for i in range(8)}
+    assert len(other) > 1  # the next draws of the stream differ
 
 
 def test_logprobs_rank_and_top():
-    sampler = Sampler(torch.Generator().manual_seed(0))
+    sampler = Sampler()
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     out = sampler(logits.clone(), md([SamplingParams(temperature=0, logprobs=2)]))
     ref = logits.log_softmax(-1)[0]

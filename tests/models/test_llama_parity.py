@@ -33,7 +33,8 @@ def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
         return runner.model.compute_logits(runner.model(torch.tensor(ids), pos, batch))
 
 
-def test_smollm2_greedy_parity_chunked_and_preempted(smollm2_dir, hf_smollm2):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_smollm2_greedy_parity_chunked_and_preempted(smollm2_dir, hf_smollm2, overlap):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     texts = ["Hi", "The capital of France is", "def quicksort(arr):\n", LONG_TEXT * 2, LONG_TEXT * 6,
              LONG_TEXT * 25]
@@ -44,7 +45,7 @@ def test_smollm2_greedy_parity_chunked_and_preempted(smollm2_dir, hf_smollm2):
     # room for every prompt but not for their outputs: decodes must preempt the newest request
     num_blocks = sum(-(-n // 16) for n in lengths) + 1
     llm = LLM(str(smollm2_dir), max_seq_len=2048, max_num_tokens=256, num_kv_blocks=num_blocks, block_size=16,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, overlap_scheduling=overlap)
     params = SamplingParams(temperature=0, max_tokens=12)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert llm.engine.scheduler.num_preemptions > 0, "the tiny cache should have forced a preemption"
@@ -107,3 +108,57 @@ def test_seeded_sampling_survives_preemption(tiny_llama_dir):
     b = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert roomy.engine.scheduler.num_preemptions == 0 < tight.engine.scheduler.num_preemptions
     assert a == b
+
+
+def test_overlap_scheduling_changes_no_output(tiny_llama_dir):
+    """Overlap scheduling (results one step late, placeholders for tokens in flight) gives exactly the outputs of
+    the plain loop: greedy and seeded sampling, EOS / stop-token / length ends, min_tokens, logprobs, prompt
+    logprobs, penalties (which take the pending step first), prefix-cache hits and preemption."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 64, 9, 33)]
+    prompts.append(prompts[2][:32] + [7, 8, 9])  # shares two blocks with prompt 2
+    greedy = [SamplingParams(temperature=0, max_tokens=n) for n in (12, 1, 20)]
+    probe = LLM(str(tiny_llama_dir), num_kv_blocks=24, block_size=8, max_seq_len=256)
+    free_run = [o.outputs[0].token_ids for o in probe.generate(prompts[:3], greedy)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free_run[0][4]]),  # stops at its 5th token
+        SamplingParams(temperature=0, max_tokens=1),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=25, logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=18, min_tokens=10),
+        SamplingParams(temperature=0, max_tokens=10, prompt_logprobs=1, logprobs=0),
+        SamplingParams(temperature=0.7, seed=11, max_tokens=15, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(temperature=0, max_tokens=14, repetition_penalty=1.3),
+    ]
+    eos = {free_run[2][6]}  # a token the greedy run of prompt 2 emits: it ends there unless ignored
+
+    def run(overlap: bool):
+        llm = LLM(str(tiny_llama_dir), num_kv_blocks=24, block_size=8, max_seq_len=256, max_num_tokens=48,
+                  overlap_scheduling=overlap)
+        llm.eos_token_ids = eos
+        outs = []
+        for p, sp in zip(prompts, params):
+            llm.add_request(p, sp)
+        while llm.engine.has_unfinished_requests():
+            outs.extend(o for o in llm.step() if o.finished)
+        return llm, {o.request_id: o for o in outs}
+
+    plain_llm, plain = run(False)
+    overlap_llm, overlapped = run(True)
+    assert overlap_llm.engine.overlap and not plain_llm.engine.overlap
+    assert overlap_llm.engine.scheduler.num_preemptions > 0, "the small cache should preempt"
+    assert len(plain) == len(prompts) and set(overlapped) == set(plain)
+
+    def flat(lps):  # [(position, token, rank, logprob)]: ranks and ids exact, values to float tolerance
+        return [(i, tok, lp.rank, lp.logprob) for i, d in enumerate(lps or []) if d for tok, lp in sorted(d.items())]
+
+    for rid, a in plain.items():
+        b = overlapped[rid]
+        assert (b.outputs[0].token_ids, b.outputs[0].finish_reason) == (a.outputs[0].token_ids,
+                                                                        a.outputs[0].finish_reason), rid
+        for la, lb in [(flat(a.outputs[0].logprobs), flat(b.outputs[0].logprobs)),
+                       (flat(a.prompt_logprobs), flat(b.prompt_logprobs))]:
+            assert [x[:3] for x in la] == [x[:3] for x in lb], rid
+            assert all(abs(x[3] - y[3]) < 1e-4 for x, y in zip(la, lb)), rid
+    assert plain["4"].prompt_logprobs and plain["2"].outputs[0].logprobs
+    reasons = [v.outputs[0].finish_reason for v in plain.values()]
+    assert "stop" in reasons and "length" in reasons

@@ -1,5 +1,13 @@
 """EngineCore: the step loop. add_request -> step() (schedule -> execute -> sample -> update) -> outputs.
 
+Overlap scheduling (`overlap_scheduling`, on by default on CUDA): step() schedules and queues step n on the
+device, and only then waits for step n-1's results and turns them into outputs, so the host's scheduling, input
+preparation and output handling run while the GPU computes. Tokens sampled by a step still in flight are
+placeholders (engine/request.py); a request that a pending token would end by length is not scheduled again,
+one that ends on EOS / a stop token wastes one scheduled token, whose result is dropped. Steps with penalties
+need the real previous tokens, so pending results are taken first. Outputs therefore lag one step; without
+overlap, step() returns the outputs of the step it ran.
+
 It validates requests at admission (so nothing waits forever): an empty prompt, a token id outside the
 vocabulary, a prompt that leaves no room under `max_seq_len`, or a request that could not fit in the whole KV
 cache raise `InvalidRequestError` and change nothing; other requests keep running. It knows no tokenizer:
@@ -13,7 +21,7 @@ import time
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.kv_cache_manager import KVCacheManager
-from llamaserve.engine.request import Request, RequestStatus
+from llamaserve.engine.request import PLACEHOLDER, Request, RequestStatus
 from llamaserve.engine.scheduler import Scheduler, SchedulerOutput
 from llamaserve.errors import InvalidRequestError
 from llamaserve.executor.model_runner import ModelRunner, RunnerOutput
@@ -32,6 +40,8 @@ class EngineCore:
         self.scheduler = Scheduler(sc, self.kv_cache_manager)
         self.vocab_size = int(config.model_config.hf_config.vocab_size)
         self.queue_times: list[float] = []  # seconds from arrival to first schedule; drained by the engine process
+        self.overlap = bool(getattr(config, "overlap_scheduling", False))
+        self.pending: tuple[SchedulerOutput, object] | None = None  # the step in flight (overlap scheduling)
         capacity = self.runner.num_blocks * cc.block_size
         if capacity < sc.max_seq_len:
             logger.warning("The KV cache holds %d tokens, fewer than max_seq_len=%d: longer requests are rejected",
@@ -56,24 +66,58 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.pending is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        if self.pending is not None and self._needs_known_tokens():
+            outputs += self._resolve()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.has_unfinished_requests():  # admission makes this impossible; fail loudly, never spin
+            if self.pending is not None:  # nothing new to queue: finish the step in flight
+                return outputs + self._resolve()
+            if self.scheduler.num_unfinished:  # admission makes this impossible; fail loudly, never spin
                 raise RuntimeError(f"scheduler stalled with {self.scheduler.num_unfinished} unfinished requests")
-            return []
-        return self._update(sched, self.runner.execute_model(sched))
+            return outputs
+        handle = self.runner.execute_model(sched)
+        self._advance(sched)
+        if self.pending is not None:
+            outputs += self._resolve()
+        self.pending = (sched, handle)
+        if not self.overlap:
+            outputs += self._resolve()
+        return outputs
+
+    def _needs_known_tokens(self) -> bool:
+        """Penalties read the previous tokens: take the step in flight first."""
+        return not self.overlap or any(
+            r.sampling_params.repetition_penalty != 1.0 or r.sampling_params.presence_penalty != 0.0
+            or r.sampling_params.frequency_penalty != 0.0 for r in self.scheduler.running)
+
+    def _advance(self, sched: SchedulerOutput) -> None:
+        """Right after queueing a step: its tokens count as computed, and what it samples is a placeholder."""
+        now = time.monotonic()
+        for s in sched.scheduled:
+            req = s.request
+            req.num_computed_tokens = s.num_computed_tokens + s.num_new_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                self.queue_times.append(now - req.arrival_time)
+            if req.num_computed_tokens == req.num_tokens:
+                req.append_output_token(PLACEHOLDER)
+
+    def _resolve(self) -> list[EngineCoreOutput]:
+        sched, handle = self.pending
+        self.pending = None
+        result = handle.result() if hasattr(handle, "result") else handle
+        return self._update(sched, result)
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         outputs = []
         for s in sched.scheduled:
             req = s.request
-            req.num_computed_tokens = s.num_computed_tokens + s.num_new_tokens
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.monotonic()
-                self.queue_times.append(req.first_scheduled_time - req.arrival_time)
+            if req.status.finished:  # ended (aborted, or stopped by an earlier token) while this step ran
+                continue
             prompt_lps = result.prompt_logprobs.get(req.request_id)
             if prompt_lps:
                 req.num_prompt_logprobs += len(prompt_lps)
@@ -82,8 +126,8 @@ class EngineCore:
                 if prompt_lps:
                     outputs.append(EngineCoreOutput(req.request_id, [], new_prompt_logprobs=prompt_lps))
                 continue
-            req.append_output_token(token)
-            status = self.scheduler.check_stop(req)
+            index = req.resolve_pending(token)
+            status = self.scheduler.check_stop(req, index)
             lp = result.logprobs.get(req.request_id)
             out = EngineCoreOutput(req.request_id, [token], new_logprobs=[lp] if lp is not None else None,
                                    new_prompt_logprobs=prompt_lps, num_cached_tokens=max(req.num_cached_tokens, 0))

@@ -74,6 +74,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.num_registered: dict[str, int] = {}
+        self.req_block_ids: dict[str, list[int]] = {}
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which were found
 
@@ -88,6 +89,7 @@ class KVCacheManager:
     def _block_hashes(self, request: Request, num_tokens: int) -> list[int]:
         """Chained hashes of the request's full blocks covering its first num_tokens tokens."""
         hashes, bs, toks = request.block_hashes, self.block_size, request.all_token_ids
+        num_tokens = min(num_tokens, request.num_known_tokens)
         while (len(hashes) + 1) * bs <= num_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
@@ -127,7 +129,8 @@ class KVCacheManager:
             # NOTE: registering before the step runs is safe: the blocks are written in this very step, and a
             # request that hits them is scheduled after this one, within the same forward pass.
             start = self.num_registered.get(request.request_id, 0)
-            num_full = total // self.block_size
+            # a block holding a placeholder (overlap scheduling) is registered once its token is known
+            num_full = min(total, request.num_known_tokens) // self.block_size
             hashes = self._block_hashes(request, total)
             for i in range(start, num_full):
                 self.pool.register(blocks[i], hashes[i])
@@ -137,7 +140,13 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.num_registered.pop(request.request_id, None)
+        self.req_block_ids.pop(request.request_id, None)
         self.pool.release(blocks[::-1])  # tail blocks are the least likely to be shared: evict them first
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+        """The request's block ids (a list kept beside its blocks; read it, do not change it)."""
+        blocks = self.req_blocks.get(request_id, [])
+        ids = self.req_block_ids.get(request_id)
+        if ids is None or len(ids) != len(blocks):
+            ids = self.req_block_ids[request_id] = [b.block_id for b in blocks]
+        return ids

@@ -71,6 +71,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and self._ends_by_length(req):
+                i += 1  # its last token is being sampled and ends it: nothing more to compute
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req, num_new) is None:
                 victim = self.running.pop()
@@ -133,16 +136,21 @@ class Scheduler:
             ended.append(req)
         return ended
 
-    def check_stop(self, req: Request) -> RequestStatus | None:
-        """After a token is appended: stop token, EOS, max_tokens or max_seq_len ends the request."""
-        token = req.output_token_ids[-1]
+    def _ends_by_length(self, req: Request) -> bool:
+        return req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_seq_len
+
+    def check_stop(self, req: Request, index: int | None = None) -> RequestStatus | None:
+        """After output token `index` (default: the last) is known: stop token, EOS, max_tokens or max_seq_len
+        ends the request."""
+        index = req.num_output_tokens - 1 if index is None else index
+        token, num_out = req.output_token_ids[index], index + 1
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens:
+        if num_out >= params.min_tokens:
             if token in params.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
             if not params.ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_seq_len:
+        if num_out >= req.max_tokens or req.num_prompt_tokens + num_out >= self.config.max_seq_len:
             return RequestStatus.FINISHED_LENGTH
         return None

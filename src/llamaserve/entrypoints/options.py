@@ -115,8 +115,9 @@ SPECS: list[Spec] = [
     # -- known, not acted on
     _s("trust_remote_code", "ignore", "bool", reason="llamaserve never runs code from a checkpoint; Llama is built in"),
     _s("compilation_config O", "ignore", "any", reason="torch.compile settings of vLLM"),
-    _s("async_scheduling", "ignore", "bool", reason="overlap scheduling is not implemented yet (Hopper fast path)"),
-    _s("disable_overlap_scheduler", "ignore", "bool", reason="llamaserve does not overlap scheduling yet"),
+    _s("overlap_scheduling async_scheduling", "engine:overlap_scheduling", "bool",
+       help="schedule step n+1 while the GPU runs step n (default: on with CUDA)"),
+    _s("disable_overlap_scheduler", "engine:disable_overlap_scheduler", "bool"),
     _s("max_seq_len_to_capture", "ignore", "int", reason="vLLM's old capture limit; graphs cover decode batches"),
     _s("cuda_graph_config", "nested", "any", nested=_CUDA_GRAPH_CONFIG),
     _s("use_cuda_graph", "ignore", "bool", reason=_CG),

@@ -83,22 +83,21 @@ class CudaGraphRunner:
             return None
         return next((s for s in self.sizes if s >= n), None)
 
-    def run(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int],
-            block_tables: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
-        """Replay the graph of size bs on this step's n <= bs decode tokens; returns hidden states [n, H]."""
-        n = len(input_ids)
-        host = torch.tensor([input_ids, positions, slots, seq_lens], dtype=torch.long).pin_memory()
-        host = host.to(self.device, non_blocking=True)
-        self.input_ids[:n].copy_(host[0])
-        self.positions[:n].copy_(host[1])
-        self.slots[:n].copy_(host[2])
-        self.seq_lens[:n].copy_(host[3])
+    def run(self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Replay the graph of size bs on this step's n <= bs decode tokens (device tensors, copied into the
+        static buffers on the stream: no host sync); returns hidden states [n, H]."""
+        n = input_ids.shape[0]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slots[:n].copy_(slots)
+        self.seq_lens[:n].copy_(seq_lens)
         if bs > n:  # padded rows: scratch slot, empty context
             self.slots[n:bs].fill_(self.scratch_slot)
             self.seq_lens[n:bs].zero_()
             self.input_ids[n:bs].zero_()
             self.positions[n:bs].zero_()
         w = block_tables.shape[1]
-        self.block_tables[:n, :w].copy_(block_tables.to(self.device, non_blocking=True))
+        self.block_tables[:n, :w].copy_(block_tables)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from llamaserve.config import EngineConfig
+from llamaserve.device_utils import h2d
+from llamaserve.engine.request import PLACEHOLDER
 from llamaserve.engine.scheduler import SchedulerOutput
 from llamaserve.layers.attention import ForwardBatch
 from llamaserve.layers.quantization import calibrate_input_scales
-from llamaserve.layers.sampler import Sampler, SamplingMetadata
+from llamaserve.layers.sampler import Sampler, SamplingMetadata, row_seed
 from llamaserve.loader import get_model
 from llamaserve.models.llama import head_dim_of
 from llamaserve.outputs import Logprob, TokenLogprobs
@@ -83,8 +87,10 @@ class ModelRunner:
                                           self.block_size, max_blocks, self.num_blocks * self.block_size,
                                           self.device)
             self.graphs.capture()
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(mc.seed))
-        self.generators: dict[str, torch.Generator] = {}
+        self.sampler = Sampler(config.kernel_backend)
+        self.rng = random.Random(mc.seed)  # draw seeds of requests without their own seed
+        self._last_sampled: torch.Tensor | None = None  # sampled ids of the last queued step, on the device
+        self._last_rows: dict[str, int] = {}
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.block_size,
                     self.num_blocks * self.block_bytes / 2**30, cc.kv_cache_dtype)
@@ -138,20 +144,21 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _generator(self, req_id: str, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        if req_id not in self.generators:
-            self.generators[req_id] = torch.Generator(device=self.device).manual_seed(seed)
-        return self.generators[req_id]
+    def _row_seeds(self, reqs: list) -> list[int]:
+        """Per-row draw seeds: (request seed or the engine's RNG, index of the token being sampled)."""
+        return [row_seed(r.sampling_params.seed, r.num_output_tokens) if r.sampling_params.seed is not None
+                else self.rng.getrandbits(31) for r in reqs]
 
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
-        for rid in sched.finished_req_ids:
-            # NOTE: a preempted request keeps its generator: its recompute samples nothing until it catches up,
-            # so its seeded stream continues exactly where it stopped.
-            self.generators.pop(rid, None)
+    def execute_model(self, sched: SchedulerOutput) -> PendingOutput:
+        """Queue one step on the device and return at once; `PendingOutput.result()` waits for its results.
+
+        A request's last input token may still be unknown on the host (overlap scheduling: it is being sampled
+        by the previous step, which is still running); the engine marks it PLACEHOLDER and the token is taken
+        from the previous step's sampled ids on the device.
+        """
         bs = self.block_size
+        n_req = len(sched.scheduled)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -160,16 +167,27 @@ class ModelRunner:
         prompt_rows: list[int] = []  # token index -> logprob of the next prompt token
         prompt_targets: list[int] = []
         prompt_owner: list[str] = []
+        fill_dst: list[int] = []  # input positions whose token comes from the previous step's samples
+        fill_src: list[int] = []
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        block_tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.long)
+        block_tables = np.zeros((n_req, max_blocks), dtype=np.int64)
         seq_lens, query_lens = [], []
         for i, s in enumerate(sched.scheduled):
             req, start, n = s.request, s.num_computed_tokens, s.num_new_tokens
             base = len(input_ids)
-            input_ids.extend(req.all_token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
-            block_tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids)
+            toks = req.all_token_ids[start : start + n]
+            if toks[-1] == PLACEHOLDER:
+                fill_dst.append(base + n - 1)
+                fill_src.append(self._last_rows[req.request_id])
+            input_ids.extend(toks)
+            block_ids = s.block_ids
+            if n == 1:
+                positions.append(start)
+                slots.append(block_ids[start // bs] * bs + start % bs)
+            else:
+                positions.extend(range(start, start + n))
+                slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            block_tables[i, : len(block_ids)] = block_ids
             seq_lens.append(start + n)
             query_lens.append(n)
             if start + n == req.num_tokens:
@@ -181,62 +199,112 @@ class ModelRunner:
                     prompt_targets.append(req.prompt_token_ids[p + 1])
                     prompt_owner.append(req.request_id)
         dev = self.device
-        cu = [0]
-        for q in query_lens:
-            cu.append(cu[-1] + q)
+        ids_t = h2d(input_ids, torch.long, dev)
+        if fill_dst:
+            if self._last_sampled is None:
+                raise RuntimeError("a step has placeholder tokens but no previous step sampled")
+            ids_t[h2d(fill_dst, torch.long, dev)] = self._last_sampled[h2d(fill_src, torch.long, dev)]
+        pos_t = h2d(positions, torch.long, dev)
+        slots_t = h2d(slots, torch.long, dev)
+        tables_t = h2d(block_tables, torch.long, dev)
+        seq_t = h2d(seq_lens, torch.long, dev)
         graph_bs = None
-        if self.graphs is not None and all(q == 1 for q in query_lens):
-            graph_bs = self.graphs.size_for(len(query_lens))
+        if self.graphs is not None and len(input_ids) == n_req:  # all decodes
+            graph_bs = self.graphs.size_for(n_req)
         if graph_bs is not None:
-            hidden = self.graphs.run(graph_bs, input_ids, positions, slots, block_tables, seq_lens)
+            hidden = self.graphs.run(graph_bs, ids_t, pos_t, slots_t, tables_t, seq_t)
         else:
-            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-            batch = ForwardBatch(pos_t, torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev),
-                                 torch.tensor(seq_lens, device=dev), torch.tensor(cu, device=dev), seq_lens,
-                                 query_lens, bs)
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), pos_t, batch)
-        out = RunnerOutput()
+            cu = [0]
+            for q in query_lens:
+                cu.append(cu[-1] + q)
+            batch = ForwardBatch(pos_t, slots_t, tables_t, seq_t, h2d(cu, torch.long, dev), seq_lens, query_lens, bs)
+            hidden = self.model(ids_t, pos_t, batch)
+        pending = PendingOutput(dev)
         if sample_rows:
-            self._sample(hidden[sample_rows], sample_reqs, out)
+            self._sample(hidden[h2d(sample_rows, torch.long, dev)], sample_reqs, pending)
         if prompt_rows:
-            self._prompt_logprobs(hidden[prompt_rows], prompt_targets, prompt_owner, sched, out)
-        return out
+            self._prompt_logprobs(hidden[h2d(prompt_rows, torch.long, dev)], prompt_targets, prompt_owner, sched,
+                                  pending)
+        pending.start_copy()
+        return pending
 
-    def _sample(self, hidden: torch.Tensor, reqs: list, out: RunnerOutput) -> None:
+    def _sample(self, hidden: torch.Tensor, reqs: list, pending: PendingOutput) -> None:
         logits = self.model.compute_logits(hidden)
         params = [r.sampling_params for r in reqs]
         banned = [sorted(r.eos_token_ids | set(r.sampling_params.stop_token_ids))
                   if r.num_output_tokens < r.sampling_params.min_tokens else [] for r in reqs]
-        md = SamplingMetadata(params, [self._generator(r.request_id, p.seed) for r, p in zip(reqs, params)],
-                              [r.output_token_ids for r in reqs], [r.prompt_token_ids for r in reqs], banned)
+        md = SamplingMetadata(params, self._row_seeds(reqs), [r.output_token_ids for r in reqs],
+                              [r.prompt_token_ids for r in reqs], banned)
         res = self.sampler(logits, md)
-        sampled = res.sampled.tolist()
-        lps = res.logprobs.tolist() if res.logprobs is not None else None
-        ranks = res.ranks.tolist() if res.ranks is not None else None
-        top_ids = res.top_ids.tolist() if res.top_ids is not None else None
-        top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
-        for i, (req, tok) in enumerate(zip(reqs, sampled)):
-            out.sampled[req.request_id] = tok
-            k = req.sampling_params.logprobs
-            if k is None or lps is None:
-                continue
-            entry = {tok: Logprob(lps[i], ranks[i])}
-            for r in range(k):
-                entry.setdefault(top_ids[i][r], Logprob(top_lps[i][r], r + 1))
-            out.logprobs[req.request_id] = entry
+        self._last_sampled = res.sampled
+        self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
+        pending.sample_ids = [r.request_id for r in reqs]
+        pending.logprob_k = [r.sampling_params.logprobs for r in reqs]
+        pending.add("sampled", res.sampled)
+        if res.logprobs is not None:
+            pending.add("lps", res.logprobs)
+            pending.add("ranks", res.ranks)
+            if res.top_ids is not None:
+                pending.add("top_ids", res.top_ids)
+                pending.add("top_lps", res.top_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], owners: list[str],
-                         sched: SchedulerOutput, out: RunnerOutput) -> None:
+                         sched: SchedulerOutput, pending: PendingOutput) -> None:
         logprobs = self.model.compute_logits(hidden).log_softmax(dim=-1)
-        tgt = torch.tensor(targets, device=logprobs.device)
+        tgt = h2d(targets, torch.long, logprobs.device)
         chosen = logprobs.gather(1, tgt[:, None])
-        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
         k_by_req = {s.request.request_id: s.request.sampling_params.prompt_logprobs for s in sched.scheduled}
         k_max = max(k_by_req[o] for o in owners)
         top_lp, top_ids = logprobs.topk(max(k_max, 1), dim=-1)
-        top_lp, top_ids, chosen = top_lp.tolist(), top_ids.tolist(), chosen.squeeze(1).tolist()
-        for i, owner in enumerate(owners):
-            entry = {targets[i]: Logprob(chosen[i], ranks[i])}
-            for r in range(k_by_req[owner]):
-                entry.setdefault(top_ids[i][r], Logprob(top_lp[i][r], r + 1))
-            out.prompt_logprobs.setdefault(owner, []).append(entry)
+        pending.prompt = (targets, owners, k_by_req)
+        pending.add("p_ranks", (logprobs > chosen).sum(dim=-1) + 1)
+        pending.add("p_chosen", chosen.squeeze(1))
+        pending.add("p_top_lps", top_lp)
+        pending.add("p_top_ids", top_ids)
+
+
+class PendingOutput:
+    """The device results of one queued step, copied to pinned host memory behind the step's work; result()
+    waits for that copy alone (one host-device sync per step), never for work queued after it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.sample_ids: list[str] = []
+        self.logprob_k: list[int | None] = []
+        self.prompt: tuple | None = None
+        self.event = None
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.tensors[name] = t
+
+    def start_copy(self) -> None:
+        if self.device.type != "cuda":
+            return
+        self.tensors = {k: v.to("cpu", non_blocking=True) for k, v in self.tensors.items()}
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def result(self) -> RunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        host = {k: v.tolist() for k, v in self.tensors.items()}
+        out = RunnerOutput()
+        sampled = host.get("sampled", [])
+        for i, (rid, tok) in enumerate(zip(self.sample_ids, sampled)):
+            out.sampled[rid] = tok
+            k = self.logprob_k[i]
+            if k is None or "lps" not in host:
+                continue
+            entry = {tok: Logprob(host["lps"][i], host["ranks"][i])}
+            for r in range(k):
+                entry.setdefault(host["top_ids"][i][r], Logprob(host["top_lps"][i][r], r + 1))
+            out.logprobs[rid] = entry
+        if self.prompt is not None:
+            targets, owners, k_by_req = self.prompt
+            for i, owner in enumerate(owners):
+                entry = {targets[i]: Logprob(host["p_chosen"][i], host["p_ranks"][i])}
+                for r in range(k_by_req[owner]):
+                    entry.setdefault(host["p_top_ids"][i][r], Logprob(host["p_top_lps"][i][r], r + 1))
+                out.prompt_logprobs.setdefault(owner, []).append(entry)
+        return out

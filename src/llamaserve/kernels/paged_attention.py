@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamaserve.device_utils import h2d
 from llamaserve.kernels.norm_act import round_e4m3
 
 
@@ -89,7 +90,7 @@ def tile_table(query_lens: list[int], tok_per_tile: int, device: torch.device) -
         for t in range(0, n, tok_per_tile):
             reqs.append(i)
             toks.append(t)
-    return (torch.tensor(reqs, dtype=torch.int32, device=device), torch.tensor(toks, dtype=torch.int32, device=device))
+    return h2d(reqs, torch.int32, device), h2d(toks, torch.int32, device)  # no host sync (overlap scheduling)
 
 
 def block_m_for(group: int, max_query_len: int) -> int:

@@ -1,9 +1,13 @@
 """Sampler: penalties, min_tokens, greedy / temperature / top-k / top-p / min-p, seeds, logprobs.
 
-One row per request that samples this step. All rows are processed together as tensors; only the random draw
-loops over seeded rows, each with its own `torch.Generator`, so a seeded request's tokens do not depend on
-what else is in the batch. Sampling uses the exponential race (argmax of p / Exp(1)), which equals drawing from
-the categorical distribution p. Logprobs are of the raw model distribution (log_softmax of the logits).
+One row per request that samples this step, all rows processed together as tensors, with no host sync: every
+branch is decided from the (host-side) sampling parameters, and parameter tensors reach the device through
+pinned memory. Randomness is counter-based: the model runner gives each row a 31-bit `seed` derived from
+(the request's seed, or the engine's RNG when it has none; the index of the token being sampled), so a seeded
+request's tokens depend on nothing else in the batch and survive preemption. Backends: "triton" draws with the
+Gumbel-max kernel (kernels/sampling.py, Philox in the kernel); "torch" (the reference) draws with the exponential
+race argmax(p / Exp(1)) from a torch.Generator seeded per row. Both draw from softmax(logits / T) after the
+filters; their random streams differ. Logprobs are of the raw model distribution (log_softmax of the logits).
 """
 
 from __future__ import annotations
@@ -12,13 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
+from llamaserve.device_utils import h2d
 from llamaserve.sampling_params import SamplingParams
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The 31-bit seed of draw number `index` of a stream `seed` (splitmix-style integer mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) & 0x7FFFFFFF
 
 
 @dataclass
 class SamplingMetadata:
     params: list[SamplingParams]
-    generators: list[torch.Generator | None]  # per row; None -> the engine's shared generator
+    seeds: list[int]  # per row, from row_seed()
     output_token_ids: list[list[int]]
     prompt_token_ids: list[list[int]]
     banned_token_ids: list[list[int]]  # EOS/stop ids while a request is below min_tokens
@@ -36,12 +49,13 @@ class SamplerOutput:
 def _penalize(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     rows = [i for i, p in enumerate(md.params)
             if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    dev = logits.device
     for i in rows:
         p, row = md.params[i], logits[i]
-        out_ids = torch.tensor(md.output_token_ids[i], dtype=torch.long, device=logits.device)
+        out_ids = h2d(md.output_token_ids[i], torch.long, dev)
         if p.repetition_penalty != 1.0:
             seen = torch.zeros_like(row, dtype=torch.bool)
-            seen[torch.tensor(md.prompt_token_ids[i], dtype=torch.long, device=logits.device)] = True
+            seen[h2d(md.prompt_token_ids[i], torch.long, dev)] = True
             seen[out_ids] = True
             scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             row = torch.where(seen, scaled, row)
@@ -55,10 +69,10 @@ def _penalize(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 def _top_k_top_p_min_p(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     dev = logits.device
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in md.params], device=dev)
-    top_p = torch.tensor([p.top_p for p in md.params], device=dev, dtype=logits.dtype)
-    min_p = torch.tensor([p.min_p for p in md.params], device=dev, dtype=logits.dtype)
-    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in md.params]
+    if any(k < vocab for k in ks) or any(p.top_p < 1.0 for p in md.params):
+        top_k = h2d(ks, torch.long, dev)
+        top_p = h2d([p.top_p for p in md.params], logits.dtype, dev)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=dev)[None, :]
         drop = ranks >= top_k[:, None]
@@ -67,38 +81,51 @@ def _top_k_top_p_min_p(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tens
         drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
         kept = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, kept)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in md.params):
+        min_p = h2d([p.min_p for p in md.params], logits.dtype, dev)
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits
 
 
+def _race_torch(logits: torch.Tensor, temps: list[float], seeds: list[int]) -> torch.Tensor:
+    """Reference draw: argmax(p / Exp(1)) per row, noise from a generator seeded with the row's seed."""
+    t = h2d(temps, logits.dtype, logits.device)
+    probs = (logits / t[:, None]).softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    for i, s in enumerate(seeds):
+        noise[i].exponential_(generator=torch.Generator(device=logits.device).manual_seed(s))
+    return (probs / noise).argmax(dim=-1)
+
+
 class Sampler:
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
+    def __init__(self, backend: str = "torch") -> None:
+        self.backend = backend
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [B, vocab] float32 -> one token per row."""
         k_max = max((p.logprobs for p in md.params if p.logprobs is not None), default=None)
         raw_logprobs = logits.log_softmax(dim=-1) if k_max is not None else None
-        logits = _penalize(logits.clone(), md)
-        for i, banned in enumerate(md.banned_token_ids):
-            if banned:
-                logits[i, banned] = float("-inf")
-        greedy = torch.tensor([p.greedy for p in md.params], device=logits.device)
-        sampled = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in md.params], device=logits.device)
-            probs = _top_k_top_p_min_p(logits / temps[:, None], md).softmax(dim=-1)
-            noise = torch.empty_like(probs)
-            shared = [i for i, g in enumerate(md.generators) if g is None]
-            if shared:
-                noise[shared] = torch.empty((len(shared), probs.shape[1]), device=probs.device).exponential_(
-                    generator=self.generator)
-            for i, g in enumerate(md.generators):
-                if g is not None:
-                    noise[i].exponential_(generator=g)
-            sampled = torch.where(greedy, sampled, (probs / noise).argmax(dim=-1))
+        if any(md.banned_token_ids) or any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                           or p.frequency_penalty != 0.0 for p in md.params):
+            logits = _penalize(logits.clone(), md)
+            for i, banned in enumerate(md.banned_token_ids):
+                if banned:
+                    logits[i, h2d(banned, torch.long, logits.device)] = float("-inf")
+        greedy = [p.greedy for p in md.params]
+        if all(greedy):
+            sampled = logits.argmax(dim=-1)
+        else:
+            temps = [0.0 if g else p.temperature for g, p in zip(greedy, md.params)]
+            filtered = _top_k_top_p_min_p(logits, md)
+            if self.backend == "triton":
+                from llamaserve.kernels.sampling import gumbel_argmax
+
+                sampled = gumbel_argmax(filtered.contiguous(), h2d(temps, torch.float32, logits.device),
+                                        h2d(md.seeds, torch.int32, logits.device))
+            else:
+                drawn = _race_torch(filtered, [t if t > 0 else 1.0 for t in temps], md.seeds)
+                sampled = torch.where(h2d(greedy, torch.bool, logits.device), logits.argmax(dim=-1), drawn)
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None, None)
         chosen = raw_logprobs.gather(1, sampled[:, None])
