@@ -7,7 +7,10 @@
 - decode attention: 64 requests x 4096 context, 32 query / 8 KV heads, head_dim 128, bf16 KV, block 16;
   bandwidth = KV bytes read / time (the issue's target: >= 70% of HBM).
 - prefill attention: one 8192-token causal prompt, same heads; TFLOP/s counted as 2 * 2 * T^2 * D * Hq / 2.
-Times are CUDA-event medians over repeated runs after warm-up.
+- decode attention with an FP8 KV cache: 512 requests x 1536 context (the 1000/1000 workload's middle), and
+  batch 1 x 4096 with and without split-KV;
+- linear layers of Llama-3.1-8B at batch 1 and 16: FP8 torch._scaled_mm and bf16, weight bytes / time.
+Times are CUDA-event medians over repeated runs after warm-up. SWEEP=1 adds a launch-parameter sweep.
 """
 
 from __future__ import annotations
@@ -58,9 +61,11 @@ def ceilings() -> dict[str, float]:
 
 
 def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16,
-              launch: dict | None = None):
+              launch: dict | None = None, fp8: bool = False, num_splits: int | None = None):
     blocks_per = ctx // bs
     cache = torch.randn(2, num_reqs * ctx, hkv, d, dtype=torch.bfloat16, device="cuda")
+    if fp8:
+        cache = cache.to(torch.float8_e4m3fn)
     tables = torch.arange(num_reqs * blocks_per, device="cuda").view(num_reqs, blocks_per)
     tables = tables[:, torch.randperm(blocks_per, device="cuda")]  # scattered pages
     seq_lens = torch.full((num_reqs,), ctx, dtype=torch.int32, device="cuda")
@@ -69,9 +74,29 @@ def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d:
     qlens = [qlen] * num_reqs
     from llamaserve.kernels.paged_attention import step_tiles
 
-    tiles = step_tiles({}, qlens, hq // hkv, q.device)
+    block_m = (launch or {}).get("BLOCK_M")
+    tiles = step_tiles({}, qlens, hq // hkv, q.device, block_m)
     return timed(lambda: paged_attention(q, cache, tables, seq_lens, qsl, qlens, bs, d**-0.5, tiles=tiles,
-                                         launch=launch))
+                                         launch=launch, num_splits=num_splits))
+
+
+def linears(res: dict) -> None:
+    """Weight-streaming rate of the 8B layer GEMMs at small batch: FP8 (_scaled_mm) and bf16."""
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    one = torch.ones((), device="cuda")
+    for m in (1, 16):
+        t8 = tb = 0.0
+        total = sum(n * k for n, k in shapes.values())
+        for n, k in shapes.values():
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w8, x8 = w.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)
+            t8 += timed(lambda x8=x8, w8=w8: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one,
+                                                              out_dtype=torch.bfloat16))
+            tb += timed(lambda x=x, w=w: x @ w.t())
+        res[f"linear_fp8_m{m}_TBps"] = total / t8 / 1e12
+        res[f"linear_bf16_m{m}_TBps"] = 2 * total / tb / 1e12
+        res[f"linear_fp8_m{m}_layer_us"] = t8 * 1e6
 
 
 def main() -> None:
@@ -85,18 +110,33 @@ def main() -> None:
     t = attention(1, 8192, 8192)
     res["prefill_attn_8k_ms"] = t * 1e3
     res["prefill_attn_TFLOPs"] = 2 * 2 * 8192**2 * 128 * 32 / 2 / t / 1e12
+    fp8_bytes = 512 * 1536 * 8 * 128 * 2
+    t = attention(512, 1536, 1, fp8=True)
+    res["decode_attn_fp8_512x1536_ms"] = t * 1e3
+    res["decode_attn_fp8_512x1536_TBps"] = fp8_bytes / t / 1e12
+    for splits in (1, None):
+        t = attention(1, 4096, 1, fp8=True, num_splits=splits)
+        res[f"decode_attn_fp8_1x4096_{'auto' if splits is None else 'nosplit'}_us"] = t * 1e6
+    linears(res)
     if os.environ.get("SWEEP"):  # launch-parameter sweep of both kernels
         flops = 2 * 2 * 8192**2 * 128 * 32 / 2
-        for bn in (32, 64):
-            for nw in (4, 8):
-                for ns in (1, 2, 3):
-                    cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
-                    key = f"bn{bn}_w{nw}_s{ns}"
-                    try:
-                        res[f"sweep_prefill_TFLOPs_{key}"] = flops / attention(1, 8192, 8192, launch=cfg) / 1e12
-                        res[f"sweep_decode_TBps_{key}"] = kv_bytes / attention(64, 4096, 1, launch=cfg) / 1e12
-                    except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
-                        res[f"sweep_{key}"] = f"{type(e).__name__}"
+        for bm, bn, nw, ns in [(64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                               (128, 128, 8, 2), (128, 32, 8, 3), (128, 64, 4, 3)]:
+            key = f"bm{bm}_bn{bn}_w{nw}_s{ns}"
+            try:
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+                res[f"sweep_prefill_TFLOPs_{key}"] = flops / attention(1, 8192, 8192, launch=cfg) / 1e12
+            except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                res[f"sweep_prefill_{key}"] = f"{type(e).__name__}"
+        for bn, nw, ns in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 2, 3)]:
+            key = f"bn{bn}_w{nw}_s{ns}"
+            try:
+                cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+                res[f"sweep_decode_TBps_{key}"] = kv_bytes / attention(64, 4096, 1, launch=cfg) / 1e12
+                res[f"sweep_decode_fp8_TBps_{key}"] = fp8_bytes / attention(512, 1536, 1, launch=cfg,
+                                                                            fp8=True) / 1e12
+            except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                res[f"sweep_decode_{key}"] = f"{type(e).__name__}"
     print(json.dumps(res, indent=1))
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "kernels_bench.json"), "w") as f:

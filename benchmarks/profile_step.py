@@ -1,7 +1,7 @@
 """Per-step time breakdown with torch.profiler: where a decode step of dummy Llama-3.1-8B bf16 goes.
 
-    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend] [fp8]
-    # writes $OUT/profile_b{N}[_fp8].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8
+    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend] [fp8] [prompt_len]
+    # writes $OUT/profile_b{N}[_fp8][_p{prompt_len}].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8
 
 Runs `batch_size` requests of 128 prompt tokens to steady decode, then profiles 20 decode steps. GPU kernel time
 is summed by category (attention, GEMM, norm, activation, sampling, copies, other); "GPU idle" is the wall
@@ -43,13 +43,14 @@ def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
     fp8 = len(sys.argv) > 3 and sys.argv[3] == "fp8"
+    plen = int(sys.argv[4]) if len(sys.argv) > 4 else 128
     extra = {"quantization": "fp8", "kv_cache_dtype": "fp8"} if fp8 else {}
-    llm = LLM("llama-3.1-8b", load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.5,
+    llm = LLM("llama-3.1-8b", load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.8,
               kernel_backend=backend, max_batch_size=max(256, batch), **extra)
     params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
     for i in range(batch):
-        llm.add_request([(7 * i + j) % 100000 + 10 for j in range(128)], params)
-    for _ in range(10):  # prefill and settle into decode
+        llm.add_request([(7 * i + j) % 100000 + 10 for j in range(plen)], params)
+    for _ in range(10 + batch * plen // 8192):  # prefill and settle into decode
         llm.step()
     torch.cuda.synchronize()
     steps = 20
@@ -78,7 +79,8 @@ def main() -> None:
                           for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total",
                                                                                            0) or 0))[:12]]
     print(json.dumps(res, indent=1))
-    with open(os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}{'_fp8' if fp8 else ''}.json"), "w") as f:
+    name = f"profile_b{batch}{'_fp8' if fp8 else ''}{f'_p{plen}' if plen != 128 else ''}.json"
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(res, f, indent=1)
 
 

@@ -9,6 +9,11 @@ FP8 o_proj with a static input scale).
 
 The tile table (which request and which query tokens each program takes) is built on the host from the step's
 query lengths, which the scheduler knows anyway; `paged_attention_torch` in layers/attention.py is the reference.
+
+Split-KV (decode steps with few programs, e.g. batch 1): the context of each tile is cut into `num_splits`
+equal ranges, one program each (grid axis 2); each writes its unnormalized partial output with its running max
+and sum to a workspace, and `_combine_kernel` merges them (the flash-decoding reduction). The split count depends
+only on the grid size, never on context lengths, so a CUDA graph captured once serves every context length.
 """
 
 from __future__ import annotations
@@ -22,16 +27,52 @@ from llamaserve.kernels.norm_act import round_e4m3
 
 
 @triton.jit
+def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, row_ok, kv_head, d, d_ok, stride_kslot, stride_kh,
+                qk_scale, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
+                PREC: tl.constexpr, MASKED: tl.constexpr):
+    """One BLOCK_N tile of keys/values into the online softmax (base 2). MASKED: causal and bounds masks."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        pos_ok = pos < hi
+        blk = tl.load(table + pos // PAGE, mask=pos_ok, other=0)
+    else:
+        blk = tl.load(table + pos // PAGE)
+    slot = blk.to(tl.int64) * PAGE + pos % PAGE
+    kv_off = slot[:, None] * stride_kslot + kv_head * stride_kh + d[None, :]
+    if MASKED:
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if FP8:
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
+    if MASKED:
+        causal = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :] & row_ok[:, None]
+        s = tl.where(causal, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _paged_attn_kernel(
-    Q, K, V, Out, OutScale, block_tables, seq_lens, query_start, tile_req, tile_tok,
+    Q, K, V, Out, OutScale, Part, PartML, block_tables, seq_lens, query_start, tile_req, tile_tok,
     scale, k_scale, v_scale,
     stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_bt,
     GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
-    PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     req = tl.load(tile_req + tile)
     tok0 = tl.load(tile_tok + tile)  # first query token of the tile, within the request
     q_start = tl.load(query_start + req)
@@ -54,33 +95,75 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # keys beyond the last query token of this tile are masked for every row: stop there
     last = tl.minimum(ctx, ctx - q_len + tok0 + TOK_PER_TILE)
-    for n0 in range(0, last, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        pos_ok = pos < last
-        blk = tl.load(block_tables + req * stride_bt + pos // PAGE, mask=pos_ok, other=0)
-        slot = blk.to(tl.int64) * PAGE + pos % PAGE
-        kv_off = slot[:, None] * stride_kslot + kv_head * stride_kh + d[None, :]
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if FP8:
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
-        causal = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :] & row_ok[:, None]
-        s = tl.where(causal, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lo = 0
+    hi = last
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(last, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(last, lo + chunk)
+    # blocks wholly before the tile's first query position need no mask; the rest (the diagonal) do
+    full = tl.maximum(lo, tl.minimum(hi, (ctx - q_len + tok0) // BLOCK_N * BLOCK_N))
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    for n0 in range(lo, full, BLOCK_N):
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, row_ok,
+                                    kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
+                                    BLOCK_N, PAGE, FP8, PREC, False)
+    for n0 in range(full, hi, BLOCK_N):
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, row_ok,
+                                    kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
+                                    BLOCK_N, PAGE, FP8, PREC, True)
+    if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
+        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
+        tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc)
+        tl.store(PartML + (base + rows) * 2, m_i)
+        tl.store(PartML + (base + rows) * 2 + 1, l_i)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if HAS_OUT_SCALE:
+            out = round_e4m3(out.to(q.dtype).to(tl.float32) / tl.load(OutScale))
+        o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, tile_tok, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    req = tl.load(tile_req + tile)
+    tok0 = tl.load(tile_tok + tile)
+    q_start = tl.load(query_start + req)
+    q_len = tl.load(query_start + req + 1) - q_start
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TOK_PER_TILE * GROUP) & (tok < q_len)
+    d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
+        m = tl.maximum(m, tl.load(PartML + (base + rows) * 2))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(NUM_SPLITS):
+        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
+        w = tl.math.exp2(tl.load(PartML + (base + rows) * 2) - m_safe)  # m is in base-2 units
+        l_sum += w * tl.load(PartML + (base + rows) * 2 + 1)
+        acc += w[:, None] * tl.load(Part + (base + rows)[:, None] * BLOCK_D + d[None, :])
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     if HAS_OUT_SCALE:
-        out = round_e4m3(out.to(q.dtype).to(tl.float32) / tl.load(OutScale))
+        out = round_e4m3(out.to(Qref.dtype.element_ty).to(tl.float32) / tl.load(OutScale))
     o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+def num_splits_for(num_programs: int, max_query_len: int) -> int:
+    """KV splits for a step: only decode steps whose grid would leave most SMs idle (about 2 waves of 132)."""
+    if max_query_len != 1 or num_programs >= 128:
+        return 1
+    return min(16, triton.next_power_of_2(max(1, 256 // num_programs)))
 
 
 def tile_table(query_lens: list[int], tok_per_tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,15 +182,16 @@ def block_m_for(group: int, max_query_len: int) -> int:
     return max(rows, triton.next_power_of_2(group))
 
 
-def tile_shape(group: int, query_lens: list[int]) -> tuple[int, int]:
+def tile_shape(group: int, query_lens: list[int], block_m: int | None = None) -> tuple[int, int]:
     """(rows per tile, query tokens per tile) for a step with these query lengths."""
-    block_m = block_m_for(group, max(query_lens, default=1))
+    block_m = block_m or block_m_for(group, max(query_lens, default=1))
     return block_m, max(1, block_m // group)
 
 
-def step_tiles(cache: dict, query_lens: list[int], group: int, device: torch.device) -> tuple:
+def step_tiles(cache: dict, query_lens: list[int], group: int, device: torch.device,
+               block_m: int | None = None) -> tuple:
     """The tile table of a step, built once in `cache` (ForwardBatch.cache) and shared by every layer."""
-    _, tok_per_tile = tile_shape(group, query_lens)
+    _, tok_per_tile = tile_shape(group, query_lens, block_m)
     key = ("attn_tiles", tok_per_tile)
     if key not in cache:
         cache[key] = tile_table(query_lens, tok_per_tile, device)
@@ -117,31 +201,47 @@ def step_tiles(cache: dict, query_lens: list[int], group: int, device: torch.dev
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
-                    launch: dict | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    launch: dict | None = None, out_scale: torch.Tensor | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype, or FP8 with `out_scale`)."""
     t, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    block_m, tok_per_tile = tile_shape(group, query_lens)
-    tile_req, tile_tok = tiles if tiles is not None else step_tiles({}, query_lens, group, q.device)
+    launch = dict(launch or {})  # tuning overrides: BLOCK_M (prefill), BLOCK_N, num_warps, num_stages
+    block_m, tok_per_tile = tile_shape(group, query_lens, launch.pop("BLOCK_M", None))
+    tile_req, tile_tok = tiles if tiles is not None else step_tiles({}, query_lens, group, q.device, block_m)
     out = torch.empty_like(q, dtype=torch.float8_e4m3fn if out_scale is not None else q.dtype)
     if tile_req.numel() == 0:
         return out
     k, v = kv_cache[0], kv_cache[1]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_n = 32 if head_dim <= 128 else 16
-    launch = dict(launch or {})  # tuning overrides: BLOCK_N, num_warps, num_stages
     block_n = launch.pop("BLOCK_N", block_n)
-    grid = (tile_req.numel(), num_kv_heads)
+    n_tiles = tile_req.numel()
+    if num_splits is None:
+        num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1))
+    block_d = triton.next_power_of_2(head_dim)
+    part = part_ml = q  # unused without splits
+    if num_splits > 1:
+        part = torch.empty((n_tiles * num_kv_heads * num_splits * block_m, block_d), dtype=torch.float32,
+                           device=q.device)
+        part_ml = torch.empty((n_tiles * num_kv_heads * num_splits * block_m, 2), dtype=torch.float32,
+                              device=q.device)
+    grid = (n_tiles, num_kv_heads, num_splits)
     _paged_attn_kernel[grid](
-        q, k, v, out, out_scale if out_scale is not None else q, block_tables, seq_lens, query_start_loc,
-        tile_req, tile_tok,
+        q, k, v, out, out_scale if out_scale is not None else q, part, part_ml, block_tables, seq_lens,
+        query_start_loc, tile_req, tile_tok,
         scale, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
-        HAS_OUT_SCALE=out_scale is not None,
+        HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         **launch,
     )
+    if num_splits > 1:
+        _combine_kernel[(n_tiles, num_kv_heads)](
+            part, part_ml, out, out_scale if out_scale is not None else q, q, query_start_loc, tile_req, tile_tok,
+            out.stride(0), out.stride(1), GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_OUT_SCALE=out_scale is not None)
     return out
