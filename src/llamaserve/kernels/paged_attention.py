@@ -3,9 +3,10 @@
 One program handles a tile of query tokens of one request against one KV head, with that KV head's whole query
 group packed into the rows of the tile (row r = token r // G, head kv_head * G + r % G), so a decode step (one
 token) still fills G rows of the MMA. The keys and values are walked in tiles of `BLOCK_N` positions through the
-request's block table, with an online softmax in fp32. FP8 caches hold value / scale and are dequantized with the
-per-layer `k_scale` / `v_scale` on load. With `out_scale` the output is written as FP8 (value / out_scale, for an
-FP8 o_proj with a static input scale).
+request's block table, with an online softmax in fp32. FP8 caches hold value / scale: keys and values are
+converted to fp16 (one hardware conversion; q too, so the dots run in fp16 with fp32 accumulation) and the
+per-layer scales are applied to the scores (k_scale) and to the output (v_scale), never per element. With
+`out_scale` the output is written as FP8 (value / out_scale, for an FP8 o_proj with a static input scale).
 
 The tile table (which request and which query tokens each program takes) is built on the host from the step's
 query lengths, which the scheduler knows anyway; `paged_attention_torch` in layers/attention.py is the reference.
@@ -45,9 +46,9 @@ def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, row_ok, kv_head, d
         kv_mask = d_ok[None, :]
     k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    if FP8:
-        k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        v = (v.to(tl.float32) * v_scale).to(q.dtype)
+    if FP8:  # q is fp16 here; k_scale is folded into qk_scale and v_scale into the output
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
     s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
     if MASKED:
         causal = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :] & row_ok[:, None]
@@ -89,6 +90,9 @@ def _paged_attn_kernel(
 
     q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    out_ty = q.dtype
+    if FP8:
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -104,6 +108,8 @@ def _paged_attn_kernel(
     # blocks wholly before the tile's first query position need no mask; the rest (the diagonal) do
     full = tl.maximum(lo, tl.minimum(hi, (ctx - q_len + tok0) // BLOCK_N * BLOCK_N))
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    if FP8:
+        qk_scale = qk_scale * k_scale
     for n0 in range(lo, full, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, row_ok,
                                     kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
@@ -112,6 +118,8 @@ def _paged_attn_kernel(
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, row_ok,
                                     kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
                                     BLOCK_N, PAGE, FP8, PREC, True)
+    if FP8:
+        acc = acc * v_scale
     if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
         base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
         tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc)
@@ -120,7 +128,7 @@ def _paged_attn_kernel(
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if HAS_OUT_SCALE:
-            out = round_e4m3(out.to(q.dtype).to(tl.float32) / tl.load(OutScale))
+            out = round_e4m3(out.to(out_ty).to(tl.float32) / tl.load(OutScale))
         o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -215,7 +223,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         return out
     k, v = kv_cache[0], kv_cache[1]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    block_n = 32 if head_dim <= 128 else 16
+    decode = max(query_lens, default=1) == 1
+    # defaults from the H200 sweep (benchmarks/kernels_bench.py, SWEEP=1): decode is bandwidth-bound and wants
+    # small tiles with few warps; prefill wants 64-key tiles, 3 stages
+    block_n = 32 if decode or head_dim > 128 else 64
+    launch.setdefault("num_warps", 2 if decode else 4)
+    launch.setdefault("num_stages", 3)
     block_n = launch.pop("BLOCK_N", block_n)
     n_tiles = tile_req.numel()
     if num_splits is None:
