@@ -148,17 +148,21 @@ def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, ti
     head = kv_head * GROUP + rows % GROUP
     row_ok = (rows < TOK_PER_TILE * GROUP) & (tok < q_len)
     d = tl.arange(0, BLOCK_D)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
-        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
-        m = tl.maximum(m, tl.load(PartML + (base + rows) * 2))
+    # all splits' (m, l) in one load, then the partial outputs in an unrolled loop (independent loads in flight
+    # together: the combine is latency-bound, not bandwidth-bound)
+    sp = tl.arange(0, NUM_SPLITS)
+    first = (tile * tl.num_programs(1) + kv_head) * NUM_SPLITS
+    ml = PartML + ((first + sp)[:, None] * BLOCK_M + rows[None, :]) * 2
+    m_all = tl.load(ml)  # [NUM_SPLITS, BLOCK_M]
+    l_all = tl.load(ml + 1)
+    m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_all = tl.math.exp2(m_all - m_safe[None, :])  # m is in base-2 units
+    l_sum = tl.sum(w_all * l_all, 0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    l_sum = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(NUM_SPLITS):
-        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
-        w = tl.math.exp2(tl.load(PartML + (base + rows) * 2) - m_safe)  # m is in base-2 units
-        l_sum += w * tl.load(PartML + (base + rows) * 2 + 1)
+    for s in tl.static_range(NUM_SPLITS):
+        base = (first + s) * BLOCK_M
+        w = tl.math.exp2(tl.load(PartML + (base + rows) * 2) - m_safe)
         acc += w[:, None] * tl.load(Part + (base + rows)[:, None] * BLOCK_D + d[None, :])
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     if HAS_OUT_SCALE:
@@ -186,7 +190,7 @@ def tile_table(query_lens: list[int], tok_per_tile: int, device: torch.device) -
 
 def block_m_for(group: int, max_query_len: int) -> int:
     """Rows per tile: at least the query group; more query tokens per tile when there are prefills."""
-    rows = 16 if max_query_len == 1 else 64
+    rows = 16 if max_query_len == 1 else 128
     return max(rows, triton.next_power_of_2(group))
 
 
@@ -224,11 +228,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     k, v = kv_cache[0], kv_cache[1]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     decode = max(query_lens, default=1) == 1
-    # defaults from the H200 sweep (benchmarks/kernels_bench.py, SWEEP=1): decode is bandwidth-bound and wants
-    # small tiles with few warps; prefill wants 64-key tiles, 3 stages
-    block_n = 32 if decode or head_dim > 128 else 64
-    launch.setdefault("num_warps", 2 if decode else 4)
-    launch.setdefault("num_stages", 3)
+    # defaults from the H200 sweep (benchmarks/kernels_bench.py, SWEEP=1): decode is bandwidth-bound (bf16 KV:
+    # 64-key tiles, 4 warps, 2 stages; FP8 KV: 32-key tiles, 1 warp, 3 stages); prefill: 128 x 128 tiles,
+    # 8 warps, 3 stages
+    if decode:
+        block_n, warps, stages = (32, 1, 3) if fp8 else (64, 4, 2)
+    else:
+        block_n, warps, stages = 128, 8, 3
+    if head_dim > 128:
+        block_n = min(block_n, 32)
+    launch.setdefault("num_warps", warps)
+    launch.setdefault("num_stages", stages)
     block_n = launch.pop("BLOCK_N", block_n)
     n_tiles = tile_req.numel()
     if num_splits is None:
