@@ -54,7 +54,19 @@ def test_split_kv_decode(num_splits, device):
     _check_case((4, 1, 32, 16, [(70, 1), (33, 1)]), "fp8", device, num_splits=num_splits)
 
 
-def _check_case(case, kv_dtype, device, num_splits=None):
+@pytest.mark.parametrize("local", [{"chunk_size": 32}, {"chunk_size": 48}, {"sliding_window": 20}])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_local_attention(local, num_splits, device):
+    """Chunked local attention (Llama 4) and sliding windows: prompts longer than a chunk, chunks crossing a tile,
+    decodes right after a chunk boundary, split-KV decodes."""
+    if num_splits:  # split-KV applies to decode steps
+        case = (8, 2, 64, 16, [(100, 1), (33, 1), (96, 1), (7, 1)])
+    else:
+        case = (8, 2, 64, 16, [(100, 100), (70, 13), (33, 1), (96, 1)])
+    _check_case(case, "model", device, num_splits=num_splits, **local)
+
+
+def _check_case(case, kv_dtype, device, num_splits=None, **local):
     hq, hkv, d, bs, reqs = case
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -73,9 +85,11 @@ def _check_case(case, kv_dtype, device, num_splits=None):
         write_kv_torch(cache, k, v, slots, k_scale, v_scale)
     q = torch.randn(sum(ql), hq, d, generator=gen).to(device, dtype)
     scale = d**-0.5
-    ref = paged_attention_torch(q, cache, batch, scale, k_scale, v_scale)
+    ref = paged_attention_torch(q, cache, batch, scale, k_scale, v_scale, **local)
+    if local:  # the window must matter here, or the test would pass a kernel that ignores it
+        assert not torch.allclose(ref, paged_attention_torch(q, cache, batch, scale, k_scale, v_scale), atol=1e-3)
     out = paged_attention(q, cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, ql, bs, scale,
-                          k_scale, v_scale, num_splits=num_splits)
+                          k_scale, v_scale, num_splits=num_splits, **local)
     tol = 2e-5 if dtype == torch.float32 and kv_dtype == "model" else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 

@@ -1,4 +1,5 @@
-"""Triton paged attention for mixed prefill + decode steps (varlen, causal, GQA, bf16/fp16/fp32 or fp8 KV).
+"""Triton paged attention for mixed prefill + decode steps (varlen, causal, GQA, bf16/fp16/fp32 or fp8 KV,
+optional sliding window or chunked local attention).
 
 One program handles a tile of query tokens of one request against one KV head, with that KV head's whole query
 group packed into the rows of the tile (row r = token r // G, head kv_head * G + r % G), so a decode step (one
@@ -10,6 +11,10 @@ per-layer scales are applied to the scores (k_scale) and to the output (v_scale)
 
 The tile table (which request and which query tokens each program takes) is built on the host from the step's
 query lengths, which the scheduler knows anyway; `paged_attention_torch` in layers/attention.py is the reference.
+
+Local attention (Llama 4's `attention_chunk_size`, or a sliding window): a query at position p sees the keys
+in [floor(p / chunk) * chunk, p] (chunked) or [p - window + 1, p] (sliding); the walk starts at the tile's lowest
+visible key, and every key block is masked.
 
 Split-KV (decode steps with few programs, e.g. batch 1): the context of each tile is cut into `num_splits`
 equal ranges, one program each (grid axis 2); each writes its unnormalized partial output with its running max
@@ -28,7 +33,8 @@ from llamaserve.kernels.norm_act import round_e4m3
 
 
 @triton.jit
-def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, row_ok, kv_head, d, d_ok, stride_kslot, stride_kh,
+def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_head, d, d_ok, stride_kslot,
+                stride_kh,
                 qk_scale, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
                 PREC: tl.constexpr, MASKED: tl.constexpr):
     """One BLOCK_N tile of keys/values into the online softmax (base 2). MASKED: causal and bounds masks."""
@@ -51,7 +57,8 @@ def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, row_ok, kv_head, d
         v = v.to(tl.float16)
     s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
     if MASKED:
-        causal = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :] & row_ok[:, None]
+        causal = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] >= q_lo[:, None]) & pos_ok[None, :] \
+            & row_ok[:, None]
         s = tl.where(causal, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -65,11 +72,11 @@ def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, row_ok, kv_head, d
 @triton.jit
 def _paged_attn_kernel(
     Q, K, V, Out, OutScale, Part, PartML, block_tables, seq_lens, query_start, tile_req, tile_tok,
-    scale, k_scale, v_scale,
+    scale, k_scale, v_scale, window,
     stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_bt,
     GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
-    PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -100,23 +107,32 @@ def _paged_attn_kernel(
     # keys beyond the last query token of this tile are masked for every row: stop there
     last = tl.minimum(ctx, ctx - q_len + tok0 + TOK_PER_TILE)
     lo = 0
+    q_lo = q_pos * 0  # lowest visible key of each row
+    if LOCAL == 1:  # chunked local attention
+        q_lo = q_pos // window * window
+        lo = (ctx - q_len + tok0) // window * window // BLOCK_N * BLOCK_N
+    elif LOCAL == 2:  # sliding window
+        q_lo = tl.maximum(q_pos - window + 1, 0)
+        lo = tl.maximum(ctx - q_len + tok0 - window + 1, 0) // BLOCK_N * BLOCK_N
     hi = last
     if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(last, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * chunk
+        chunk = tl.cdiv(tl.cdiv(last - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
         hi = tl.minimum(last, lo + chunk)
     # blocks wholly before the tile's first query position need no mask; the rest (the diagonal) do
     full = tl.maximum(lo, tl.minimum(hi, (ctx - q_len + tok0) // BLOCK_N * BLOCK_N))
+    if LOCAL != 0:
+        full = lo  # every block may hold keys below some row's window
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     if FP8:
         qk_scale = qk_scale * k_scale
     for n0 in range(lo, full, BLOCK_N):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, row_ok,
-                                    kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
+                                    row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
                                     BLOCK_N, PAGE, FP8, PREC, False)
     for n0 in range(full, hi, BLOCK_N):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, row_ok,
-                                    kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
+                                    row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
                                     BLOCK_N, PAGE, FP8, PREC, True)
     if FP8:
         acc = acc * v_scale
@@ -214,8 +230,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
                     launch: dict | None = None, out_scale: torch.Tensor | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
-    """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype, or FP8 with `out_scale`)."""
+                    num_splits: int | None = None, chunk_size: int = 0, sliding_window: int = 0) -> torch.Tensor:
+    """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype, or FP8 with `out_scale`).
+    `chunk_size` (chunked local attention) or `sliding_window`: 0 = global causal."""
+    if chunk_size and sliding_window:
+        raise ValueError("give chunk_size or sliding_window, not both")
     t, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -254,12 +273,13 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     _paged_attn_kernel[grid](
         q, k, v, out, out_scale if out_scale is not None else q, part, part_ml, block_tables, seq_lens,
         query_start_loc, tile_req, tile_tok,
-        scale, k_scale, v_scale,
+        scale, k_scale, v_scale, chunk_size or sliding_window,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
+        LOCAL=1 if chunk_size else 2 if sliding_window else 0,
         **launch,
     )
     if num_splits > 1:

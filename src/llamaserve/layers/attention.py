@@ -66,8 +66,11 @@ def read_kv_torch(kv_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtyp
 
 
 def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float,
-                          k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """Reference attention. q: [T, Hq, D] -> out: [T, Hq, D], causal over each request's paged context."""
+                          k_scale: float = 1.0, v_scale: float = 1.0, chunk_size: int = 0,
+                          sliding_window: int = 0) -> torch.Tensor:
+    """Reference attention. q: [T, Hq, D] -> out: [T, Hq, D], causal over each request's paged context; with
+    `chunk_size`, a query at position p sees only keys in [p // chunk_size * chunk_size, p] (Llama 4's chunked
+    local attention); with `sliding_window`, only keys in [p - sliding_window + 1, p]."""
     out = torch.empty_like(q)
     num_q_heads, num_kv_heads = q.shape[1], kv_cache.shape[2]
     bs = batch.block_size
@@ -81,7 +84,12 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, batch: Forwar
         k = k.transpose(0, 1).repeat_interleave(num_q_heads // num_kv_heads, dim=0)  # [Hq, ctx, D]
         v = v.transpose(0, 1).repeat_interleave(num_q_heads // num_kv_heads, dim=0)
         q_pos = torch.arange(ctx - qlen, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, ctx]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        mask = k_pos <= q_pos[:, None]  # [qlen, ctx]
+        if chunk_size:
+            mask &= k_pos >= (q_pos // chunk_size * chunk_size)[:, None]
+        if sliding_window:
+            mask &= k_pos > (q_pos - sliding_window)[:, None]
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
@@ -92,12 +100,13 @@ class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends over it."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", chunk_size: int = 0, sliding_window: int = 0) -> None:
         super().__init__()
         if backend not in ("torch", "triton"):
             raise ValueError(f"attention backend {backend!r} is not available; use 'torch' or 'triton'")
         self.backend = backend
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.chunk_size, self.sliding_window = chunk_size, sliding_window  # local attention (Llama 4); 0 = off
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -114,7 +123,8 @@ class Attention(nn.Module):
         if self.backend == "triton":
             out = self._triton(q, batch)
         else:
-            out = paged_attention_torch(q, self.kv_cache, batch, self.scale, self.k_scale, self.v_scale)
+            out = paged_attention_torch(q, self.kv_cache, batch, self.scale, self.k_scale, self.v_scale,
+                                        self.chunk_size, self.sliding_window)
         return out.reshape(t, self.num_heads * self.head_dim)
 
     def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: nn.Module, batch: ForwardBatch,
@@ -143,4 +153,5 @@ class Attention(nn.Module):
         tiles = pa.step_tiles(batch.cache, batch.query_lens_cpu, self.num_heads // self.num_kv_heads, q.device)
         return pa.paged_attention(q, self.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                   batch.query_lens_cpu, batch.block_size, self.scale, self.k_scale, self.v_scale,
-                                  tiles=tiles, out_scale=out_scale)
+                                  tiles=tiles, out_scale=out_scale, chunk_size=self.chunk_size,
+                                  sliding_window=self.sliding_window)
