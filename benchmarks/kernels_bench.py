@@ -80,31 +80,44 @@ def attention(num_reqs: int, ctx: int, qlen: int, hq: int = 32, hkv: int = 8, d:
                                          launch=launch, num_splits=num_splits))
 
 
+def graphed(fn, reps: int = 20) -> float:
+    """Seconds per call of fn, replayed `reps` times inside one CUDA graph (no launch overhead)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return timed(g.replay) / reps
+
+
 def linears(res: dict) -> None:
-    """Weight-streaming rate of the 8B layer GEMMs at small batch: FP8 (_scaled_mm) and bf16."""
+    """Weight-streaming rate of the 8B layer GEMMs at small batch, inside CUDA graphs: FP8 `_scaled_mm`, the
+    Triton FP8 kernel (kernels/fp8_gemv.py, a few launch shapes) and bf16."""
+    from llamaserve.kernels.fp8_gemv import fp8_gemv
+
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
     one = torch.ones((), device="cuda")
-    reps = 20  # one event pair around 20 launches: a single small GEMM is shorter than the timer's noise
+    total = sum(n * k for n, k in shapes.values())
+    configs = {"bn16_bk512_w4_s4": (16, 512, 4, 4), "bn32_bk256_w4_s4": (32, 256, 4, 4),
+               "bn16_bk256_w2_s6": (16, 256, 2, 6), "bn64_bk256_w4_s3": (64, 256, 4, 3)}
     for m in (1, 16):
         t8 = tb = 0.0
-        total = sum(n * k for n, k in shapes.values())
+        tt = dict.fromkeys(configs, 0.0)
         for n, k in shapes.values():
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w8, x8 = w.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)
-            def fp8(x8=x8, w8=w8, reps=reps) -> None:
-                for _ in range(reps):
-                    torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-
-            def bf16(x=x, w=w, reps=reps) -> None:
-                for _ in range(reps):
-                    x @ w.t()
-
-            t8 += timed(fp8) / reps
-            tb += timed(bf16) / reps
-        res[f"linear_fp8_m{m}_TBps"] = total / t8 / 1e12
+            t8 += graphed(lambda x8=x8, w8=w8: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one,
+                                                                out_dtype=torch.bfloat16))
+            tb += graphed(lambda x=x, w=w: x @ w.t())
+            for name, (bn, bk, nw, ns) in configs.items():
+                tt[name] += graphed(lambda x8=x8, w8=w8, bn=bn, bk=bk, nw=nw, ns=ns: fp8_gemv(
+                    x8, one, w8, one, None, torch.bfloat16, bn, bk, nw, ns))
+        res[f"linear_fp8_scaled_mm_m{m}_TBps"] = total / t8 / 1e12
         res[f"linear_bf16_m{m}_TBps"] = 2 * total / tb / 1e12
-        res[f"linear_fp8_m{m}_layer_us"] = t8 * 1e6
+        for name, t in tt.items():
+            res[f"linear_fp8_triton_{name}_m{m}_TBps"] = total / t / 1e12
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ class CudaGraphRunner:
         return b
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, quiet: bool = False) -> None:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         free_before = torch.cuda.mem_get_info()[0]
@@ -72,6 +72,8 @@ class CudaGraphRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
         used = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
+        if quiet:
+            return
         logger.info("captured %d CUDA graphs (batch %d..%d, padding %s) in %.1f s, %.0f MiB", len(self.sizes),
                     self.sizes[0], self.sizes[-1], "on" if self.padding else "off", time.perf_counter() - t0, used)
 

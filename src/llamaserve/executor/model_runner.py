@@ -4,7 +4,9 @@ From a `SchedulerOutput` it builds the flattened step (`input_ids`, `positions`,
 computes logits only for rows that need them (the last token of each request that samples, and prompt
 positions whose logprobs were asked for), samples, and returns plain Python results for the scheduler.
 KV cache size: `num_kv_blocks` if set; on CUDA, `kv_cache_free_gpu_memory_fraction` of the memory left after
-the weights and a profiled activation peak; on CPU that fraction of available RAM, capped at `cpu_kv_cache_gib`.
+the weights, a profiled activation peak (one prefill of max_num_tokens) and the CUDA-graph pool (measured by a
+trial capture of the largest decode graph on a throwaway cache); on CPU that fraction of available RAM, capped
+at `cpu_kv_cache_gib`. The start-up log gives the breakdown and the KV capacity in tokens.
 """
 
 from __future__ import annotations
@@ -114,11 +116,42 @@ class ModelRunner:
         self._dummy_run(self.config.scheduler_config.max_num_tokens)
         activation_peak = torch.cuda.max_memory_allocated() - weights
         torch.cuda.empty_cache()
+        graphs = self._trial_graph_bytes()
         free, total = torch.cuda.mem_get_info()
         if cc.gpu_memory_utilization is not None:  # vLLM: everything we use stays under util * total
-            budget = cc.gpu_memory_utilization * total - (total - free) - activation_peak
-            return int(max(0, budget) // self.block_bytes)
-        return int(max(0, free - activation_peak) * cc.kv_cache_free_gpu_memory_fraction // self.block_bytes)
+            budget = cc.gpu_memory_utilization * total - (total - free) - activation_peak - graphs
+        else:
+            budget = (free - activation_peak - graphs) * cc.kv_cache_free_gpu_memory_fraction
+        logger.info("GPU memory: %.2f GiB total, weights %.2f GiB, activation peak %.2f GiB (%d-token prefill), "
+                    "CUDA graphs ~%.0f MiB, %.2f GiB free before the KV cache; KV cache budget %.2f GiB",
+                    total / 2**30, weights / 2**30, activation_peak / 2**30,
+                    self.config.scheduler_config.max_num_tokens, graphs / 2**20, free / 2**30,
+                    max(0, budget) / 2**30)
+        return int(max(0, budget) // self.block_bytes)
+
+    def _trial_graph_bytes(self) -> int:
+        """Memory the CUDA-graph pool will take: capture the largest decode graph on a one-block cache, measure,
+        and release it (the pool of all sizes is about the largest one's, since they share it)."""
+        if not self.config.cuda_graph_sizes:
+            return 0
+        from llamaserve.executor.cuda_graphs import CudaGraphRunner
+
+        dtype = self.config.cache_config.kv_cache_dtype
+        for layer in self.attn_layers:
+            layer.kv_cache = torch.zeros((2, self.block_size, self.num_kv_heads, self.head_dim), dtype=dtype,
+                                         device=self.device)
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        trial = CudaGraphRunner(self.model, [max(self.config.cuda_graph_sizes)], True, self.block_size, 1, 0,
+                                self.device)
+        trial.capture(quiet=True)
+        used = free_before - torch.cuda.mem_get_info()[0]
+        del trial
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return max(0, used)
 
     @torch.inference_mode()
     def _dummy_run(self, num_tokens: int, ids: torch.Tensor | None = None) -> None:

@@ -9,11 +9,14 @@ dynamic per-tensor otherwise (amax / 448, computed on the device: no host sync, 
 an input already quantized with `static_input_scale` (the fused RMSNorm / SiLU kernels do), which skips the step.
 
 `torch._scaled_mm` runs on CUDA (FP8 tensor cores) and on CPU; `reference_fp8_linear` is the spec it is tested
-against (dequantize both operands, matmul in float32).
+against (dequantize both operands, matmul in float32). On CUDA, a call with at most 16 rows (decode at small
+batch: a pure weight stream) goes to the Triton kernel kernels/fp8_gemv.py instead, unless the environment sets
+LLAMASERVE_FP8_SMALL_M=cublas (the A/B switch benchmarks/kernels_bench.py measures).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +25,7 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+SMALL_M_KERNEL = os.environ.get("LLAMASERVE_FP8_SMALL_M", "triton")
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,11 @@ class Fp8LinearMethod:
             xq = quantize_fp8(x, sx)
         shape = xq.shape
         xq = xq.reshape(-1, shape[-1])
+        if xq.shape[0] <= 16 and xq.is_cuda and SMALL_M_KERNEL == "triton":
+            from llamaserve.kernels.fp8_gemv import fp8_gemv
+
+            y = fp8_gemv(xq, sx, layer.weight, layer.weight_scale, layer.bias, layer.out_dtype)
+            return y.reshape(*shape[:-1], y.shape[-1])
         y = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale, bias=layer.bias,
                              out_dtype=layer.out_dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
