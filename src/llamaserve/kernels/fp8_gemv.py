@@ -3,9 +3,10 @@ W [N, K] float8_e4m3fn with per-tensor scales, y in bf16/fp16/fp32.
 
 At M <= 16 a linear layer is a weight stream: each program owns BLOCK_N output features and walks K in
 BLOCK_K slices (fp8 tensor-core dots with fp32 accumulation, rows padded to 16), so the grid has N / BLOCK_N
-programs each reading a contiguous band of W. cuBLAS's small-M FP8 kernels stream at 2.4-3.4 TB/s on an H200;
-this one is chosen only where benchmarks/kernels_bench.py measures it faster. Reference: layers/quantization.py's
-`reference_fp8_linear`.
+programs each reading a contiguous band of W. Measured on an H200 inside CUDA graphs (8B layer shapes, batch 1):
+at best 3.19 TB/s (16 features x 256-wide K slices, 2 warps, 6 stages) against cuBLAS's 3.54, so it is off by
+default (LLAMASERVE_FP8_SMALL_M=triton turns it on); it is kept, tested, as the place to tune a faster weight
+stream (TMA loads, split-K for the narrow layers). Reference: layers/quantization.py's `reference_fp8_linear`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _fp8_gemv_kernel(X, W, Y, Bias, SX, SW, M, N, K, stride_x, stride_w, stride_
 
 
 def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype, block_n: int = 16, block_k: int = 512,
-             num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+             bias: torch.Tensor | None, out_dtype: torch.dtype, block_n: int = 16, block_k: int = 256,
+             num_warps: int = 2, num_stages: int = 6) -> torch.Tensor:
     """xq [M <= 16, K] fp8, w [N, K] fp8 (row-major), scalar float32 scales -> [M, N] in out_dtype."""
     m, k = xq.shape
     n = w.shape[0]
