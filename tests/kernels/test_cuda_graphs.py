@@ -17,7 +17,7 @@ def test_default_sizes():
 
 def test_size_selection_with_and_without_padding():
     r = CudaGraphRunner.__new__(CudaGraphRunner)
-    r.sizes, r.graphs = [1, 2, 4, 8], {}
+    r.sizes, r.graphs = [1, 2, 4, 8], dict.fromkeys([1, 2, 4, 8])
     r.padding = True
     assert [r.size_for(n) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, None]
     r.padding = False
@@ -27,19 +27,15 @@ def test_size_selection_with_and_without_padding():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
 def test_graph_replay_matches_eager(tiny_llama_dir):
     from llamaserve.entrypoints.llm import LLM
-    from llamaserve.kernels.paged_attention import SPLIT_MIN_CONTEXT
     from llamaserve.sampling_params import SamplingParams
 
-    # 6 requests, padded to 8; one context passes SPLIT_MIN_CONTEXT, so the split-KV variant replays too
-    prompts = [[5, 9, 3], list(range(1, 60)), [7] * 20, [11, 12], [3] * 33, [4] * (SPLIT_MIN_CONTEXT + 5)]
+    prompts = [[5, 9, 3], list(range(1, 60)), [7] * 20, [11, 12], [3] * 33]  # 5 requests: padded to 8
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     outs = {}
     for eager in (True, False):
-        llm = LLM(str(tiny_llama_dir), dtype="float32", kernel_backend="triton", num_kv_blocks=160,
-                  enforce_eager=eager, cuda_graph_batch_sizes=[1, 2, 4, 8], max_seq_len=2048)
+        llm = LLM(str(tiny_llama_dir), dtype="float32", kernel_backend="triton", num_kv_blocks=64,
+                  enforce_eager=eager, cuda_graph_batch_sizes=[1, 2, 4, 8])
         assert (llm.engine.runner.graphs is None) == eager
-        if not eager:
-            assert {(8, False), (8, True)} <= set(llm.engine.runner.graphs.graphs)
         outs[eager] = llm.generate(prompts, params)
     for a, b in zip(outs[True], outs[False]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -6,9 +6,7 @@ exactly one token (decodes) and whose batch fits a captured size replays the gra
 the buffers, the batch is padded up to the next captured size when `padding` is on (TensorRT-LLM's
 `cuda_graph_config.enable_padding`; without it only exact sizes replay), and the padded rows write their K/V
 to a scratch slot that no request owns and attend over an empty context. Anything else (prefills, larger
-batches) runs eagerly. Small batches whose attention would split the KV (kernels/paged_attention.py) get two
-graphs, with and without the split, and a step takes the split one when its longest context is long. Needs the
-Triton attention backend: the torch reference loops over requests on the host.
+batches) runs eagerly. Needs the Triton attention backend: the torch reference loops over requests on the host.
 """
 
 from __future__ import annotations
@@ -42,24 +40,15 @@ class CudaGraphRunner:
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.long, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, long context)
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
-        self.batches: dict[tuple[int, bool], ForwardBatch] = {}
-        layer = model.attention_layers()[0]
-        self.num_kv_heads = layer.num_kv_heads
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.batches: dict[int, ForwardBatch] = {}
 
-    def _variants(self, bs: int) -> list[bool]:
-        """long_context values worth a graph of their own at this batch size."""
-        from llamaserve.kernels.paged_attention import num_splits_for
-
-        return [False, True] if num_splits_for(bs * self.num_kv_heads, 1, True) > 1 else [False]
-
-    def _batch(self, bs: int, long_context: bool) -> ForwardBatch:
+    def _batch(self, bs: int) -> ForwardBatch:
         from llamaserve.kernels.paged_attention import step_tiles
 
         b = ForwardBatch(self.positions[:bs], self.slots[:bs], self.block_tables[:bs], self.seq_lens[:bs],
                          self.query_start[: bs + 1], [0] * bs, [1] * bs, self.block_size)
-        b.cache["long_context"] = long_context
         for layer in self.model.attention_layers():  # the attention tile table, static for a decode batch
             step_tiles(b.cache, b.query_lens_cpu, layer.num_heads // layer.num_kv_heads, self.device)
         return b
@@ -71,35 +60,33 @@ class CudaGraphRunner:
         free_before = torch.cuda.mem_get_info()[0]
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):
-            for long_context in self._variants(bs):
-                key = (bs, long_context)
-                batch = self._batch(bs, long_context)
-                self.batches[key] = batch  # keeps the tile tables the graph reads alive
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self.model(self.input_ids[:bs], self.positions[:bs], batch)  # warm-up (autotuning, allocations)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[key] = self.model(self.input_ids[:bs], self.positions[:bs], batch)
-                self.graphs[key] = graph
+            batch = self._batch(bs)
+            self.batches[bs] = batch  # keeps the tile tables the graph reads alive
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.model(self.input_ids[:bs], self.positions[:bs], batch)  # warm-up (autotuning, allocations)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs], batch)
+            self.graphs[bs] = graph
         torch.cuda.synchronize()
         used = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
         if quiet:
             return
-        logger.info("captured %d CUDA graphs (batch %d..%d, padding %s) in %.1f s, %.0f MiB", len(self.graphs),
+        logger.info("captured %d CUDA graphs (batch %d..%d, padding %s) in %.1f s, %.0f MiB", len(self.sizes),
                     self.sizes[0], self.sizes[-1], "on" if self.padding else "off", time.perf_counter() - t0, used)
 
     def size_for(self, n: int) -> int | None:
         """The captured size a decode batch of n runs in, or None to run eagerly."""
-        if n in self.sizes:
+        if n in self.graphs:
             return n
         if not self.padding:
             return None
         return next((s for s in self.sizes if s >= n), None)
 
     def run(self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int = 0) -> torch.Tensor:
+            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         """Replay the graph of size bs on this step's n <= bs decode tokens (device tensors, copied into the
         static buffers on the stream: no host sync); returns hidden states [n, H]."""
         n = input_ids.shape[0]
@@ -114,10 +101,5 @@ class CudaGraphRunner:
             self.positions[n:bs].zero_()
         w = block_tables.shape[1]
         self.block_tables[:n, :w].copy_(block_tables)
-        from llamaserve.kernels.paged_attention import SPLIT_MIN_CONTEXT
-
-        key = (bs, max_seq_len >= SPLIT_MIN_CONTEXT)
-        if key not in self.graphs:
-            key = (bs, False)
-        self.graphs[key].replay()
-        return self.outputs[key][:n]
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

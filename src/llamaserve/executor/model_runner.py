@@ -245,7 +245,7 @@ class ModelRunner:
         if self.graphs is not None and len(input_ids) == n_req:  # all decodes
             graph_bs = self.graphs.size_for(n_req)
         if graph_bs is not None:
-            hidden = self.graphs.run(graph_bs, ids_t, pos_t, slots_t, tables_t, seq_t, max(seq_lens))
+            hidden = self.graphs.run(graph_bs, ids_t, pos_t, slots_t, tables_t, seq_t)
         else:
             cu = [0]
             for q in query_lens:

@@ -19,8 +19,7 @@ visible key, and every key block is masked.
 Split-KV (decode steps with few programs, e.g. batch 1): the context of each tile is cut into `num_splits`
 equal ranges, one program each (grid axis 2); each writes its unnormalized partial output with its running max
 and sum to a workspace, and `_combine_kernel` merges them (the flash-decoding reduction). The split count depends
-on the grid size and on whether the step has a long context (>= SPLIT_MIN_CONTEXT keys, where splitting pays for
-its combine pass); the CUDA-graph runner captures both variants of the small batch sizes and picks per step.
+only on the grid size, never on context lengths, so a CUDA graph captured once serves every context length.
 """
 
 from __future__ import annotations
@@ -188,12 +187,9 @@ def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, ti
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
 
-SPLIT_MIN_CONTEXT = 1024  # below this, one program per (request, KV head) beats split + combine
-
-
-def num_splits_for(num_programs: int, max_query_len: int, long_context: bool = True) -> int:
-    """KV splits for a step: only decode steps with a long context whose grid would leave most SMs idle."""
-    if max_query_len != 1 or num_programs >= 128 or not long_context:
+def num_splits_for(num_programs: int, max_query_len: int) -> int:
+    """KV splits for a step: only decode steps whose grid would leave most SMs idle (about 2 waves of 132)."""
+    if max_query_len != 1 or num_programs >= 128:
         return 1
     return min(16, triton.next_power_of_2(max(1, 256 // num_programs)))
 
@@ -234,8 +230,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
                     launch: dict | None = None, out_scale: torch.Tensor | None = None,
-                    num_splits: int | None = None, chunk_size: int = 0, sliding_window: int = 0,
-                    long_context: bool = True) -> torch.Tensor:
+                    num_splits: int | None = None, chunk_size: int = 0, sliding_window: int = 0) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype, or FP8 with `out_scale`).
     `chunk_size` (chunked local attention) or `sliding_window`: 0 = global causal."""
     if chunk_size and sliding_window:
@@ -266,7 +261,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     block_n = launch.pop("BLOCK_N", block_n)
     n_tiles = tile_req.numel()
     if num_splits is None:
-        num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1), long_context)
+        num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1))
     block_d = triton.next_power_of_2(head_dim)
     part = part_ml = q  # unused without splits
     if num_splits > 1:

@@ -151,10 +151,7 @@ class Attention(nn.Module):
         from llamaserve.kernels import paged_attention as pa
 
         tiles = pa.step_tiles(batch.cache, batch.query_lens_cpu, self.num_heads // self.num_kv_heads, q.device)
-        long_context = batch.cache.get("long_context")  # set by the CUDA-graph runner for each captured variant
-        if long_context is None:
-            long_context = max(batch.seq_lens_cpu, default=0) >= pa.SPLIT_MIN_CONTEXT
         return pa.paged_attention(q, self.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                   batch.query_lens_cpu, batch.block_size, self.scale, self.k_scale, self.v_scale,
                                   tiles=tiles, out_scale=out_scale, chunk_size=self.chunk_size,
-                                  sliding_window=self.sliding_window, long_context=long_context)
+                                  sliding_window=self.sliding_window)
