@@ -254,8 +254,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         block_n, warps, stages = (32, 1, 3) if fp8 else (64, 4, 2)
     else:
         block_n, warps, stages = 128, 8, 3
-    if head_dim > 128:
-        block_n = min(block_n, 32)
+    if head_dim > 128 or q.dtype == torch.float32:  # keep K/V stages within shared memory (232 KB on H100/H200)
+        block_n, stages = min(block_n, 32), min(stages, 2)
     launch.setdefault("num_warps", warps)
     launch.setdefault("num_stages", stages)
     block_n = launch.pop("BLOCK_N", block_n)
