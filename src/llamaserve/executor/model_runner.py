@@ -69,23 +69,27 @@ class ModelRunner:
             ids = torch.randint(0, int(cfg.vocab_size), (n,), generator=torch.Generator().manual_seed(mc.seed))
             count = calibrate_input_scales(self.model, lambda: self._dummy_run(n, ids.to(self.device)))
             logger.info("FP8: calibrated the static input scales of %d layers on %d random tokens", count, n)
+        self.graph_sizes = config.cuda_graph_sizes if getattr(self.model, "supports_cuda_graphs", True) else []
+        if config.cuda_graph_sizes and not self.graph_sizes:
+            logger.warning("%s runs eagerly: its MoE reference path cannot be captured in a CUDA graph",
+                           type(self.model).__name__)
         self.num_blocks = cc.num_kv_blocks or self._profile_num_blocks()
         if self.num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise kv_cache_free_gpu_memory_fraction or "
                              "use a smaller model")
         # one scratch block past the pool's blocks: padded CUDA-graph rows write their K/V there
-        scratch = 1 if config.cuda_graph_sizes else 0
+        scratch = 1 if self.graph_sizes else 0
         shape = (2, (self.num_blocks + scratch) * self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=cc.kv_cache_dtype, device=self.device)
                           for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache
         self.graphs = None
-        if config.cuda_graph_sizes:
+        if self.graph_sizes:
             from llamaserve.executor.cuda_graphs import CudaGraphRunner
 
             max_blocks = -(-config.scheduler_config.max_seq_len // self.block_size)
-            self.graphs = CudaGraphRunner(self.model, config.cuda_graph_sizes, config.cuda_graph_padding,
+            self.graphs = CudaGraphRunner(self.model, self.graph_sizes, config.cuda_graph_padding,
                                           self.block_size, max_blocks, self.num_blocks * self.block_size,
                                           self.device)
             self.graphs.capture()
@@ -132,7 +136,7 @@ class ModelRunner:
     def _trial_graph_bytes(self) -> int:
         """Memory the CUDA-graph pool will take: capture the largest decode graph on a one-block cache, measure,
         and release it (the pool of all sizes is about the largest one's, since they share it)."""
-        if not self.config.cuda_graph_sizes:
+        if not self.graph_sizes:
             return 0
         from llamaserve.executor.cuda_graphs import CudaGraphRunner
 
@@ -142,7 +146,7 @@ class ModelRunner:
                                          device=self.device)
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
-        trial = CudaGraphRunner(self.model, [max(self.config.cuda_graph_sizes)], True, self.block_size, 1, 0,
+        trial = CudaGraphRunner(self.model, [max(self.graph_sizes)], True, self.block_size, 1, 0,
                                 self.device)
         trial.capture(quiet=True)
         used = free_before - torch.cuda.mem_get_info()[0]

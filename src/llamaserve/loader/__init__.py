@@ -50,7 +50,8 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
                 continue
             if p.device not in generators:
                 generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            bound = p.shape[-1] ** -0.5 if p.dim() == 2 else 0.05
+            # fan-in: [out, in] matrices, [experts, in, out] fused expert weights
+            bound = p.shape[-1] ** -0.5 if p.dim() == 2 else p.shape[1] ** -0.5 if p.dim() == 3 else 0.05
             if p.dtype == FP8:
                 _init_fp8(model.get_submodule(name.rsplit(".", 1)[0]), p, bound, generators[p.device])
                 continue

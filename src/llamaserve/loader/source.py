@@ -33,9 +33,17 @@ def make_hf_config(d: dict[str, Any]):
     d = dict(d)
     model_type = d.pop("model_type", "llama")
     try:
-        return AutoConfig.for_model(model_type, **d)
+        cfg = AutoConfig.for_model(model_type, **d)
     except ValueError as e:
         raise ConfigError(f"model_type={model_type!r} is not known to transformers: {e}") from e
+    text = getattr(cfg, "text_config", None)
+    if model_type == "llama4" and text is not None:  # a multimodal Llama 4: serve its text model
+        text.architectures = list(getattr(cfg, "architectures", None) or ["Llama4ForConditionalGeneration"])
+        for key in ("tie_word_embeddings",):
+            if key in d and not hasattr(text, key):
+                setattr(text, key, d[key])
+        return text
+    return cfg
 
 
 def _gguf_in(path: Path) -> Path | None:

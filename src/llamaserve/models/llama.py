@@ -54,12 +54,12 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: Any, dtype: torch.dtype, backend: str = "torch", quant: QuantConfig | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", intermediate_size: int | None = None) -> None:
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; Llama models use 'silu'")
         bias = bool(getattr(cfg, "mlp_bias", False))
-        inter = cfg.intermediate_size
+        inter = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, dtype, quant,
                                                        f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, dtype, quant, f"{prefix}.down_proj")

@@ -1,0 +1,191 @@
+"""Llama 4 text model (Scout, Maverick): MoE and dense layers interleaved, iRoPE, chunked local attention.
+
+Follows transformers' Llama4TextModel: layer i is MoE when i is in `moe_layers` (every `interleave_moe_layer_step`
+layers), else a dense SwiGLU MLP of `intermediate_size_mlp`; RoPE layers (`no_rope_layers[i]` truthy) rotate
+q and k, use chunked local attention (`attention_chunk_size`) and, with `use_qk_norm`, a weightless L2 (RMS)
+norm of q and k after RoPE; NoPE layers attend globally and scale q by log1p(floor((pos + 1) / floor_scale)) *
+attn_scale + 1 (`attn_temperature_tuning`). Llama 4 rotates interleaved pairs (x[2i], x[2i+1]); at load the rows
+of q_proj and k_proj are permuted per head to the half-split layout, so the shared RoPE path and kernels apply
+unchanged (q.k, the L2 norm and attention are all invariant under the same permutation of q and k).
+
+Checkpoints: `Llama4ForConditionalGeneration` (text under `language_model.`; the vision tower and projector are
+skipped: images are refused by the server) and `Llama4ForCausalLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamaserve.layers.attention import Attention, ForwardBatch
+from llamaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from llamaserve.layers.linear import QKVParallelLinear, RowParallelLinear
+from llamaserve.layers.moe import Llama4MoE
+from llamaserve.layers.norm import RMSNorm
+from llamaserve.layers.quantization import QuantConfig
+from llamaserve.layers.rotary import RotaryEmbedding, rope_parameters
+from llamaserve.models.llama import LlamaMLP, head_dim_of
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama4TextL2Norm: x / rms(x) over the last dim, in float32, no weight."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def interleaved_to_half(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of a q/k projection, per head, from interleaved RoPE pairs to the half-split (neox) layout."""
+    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    shape = w.shape
+    return w.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape)
+
+
+def moe_layers(cfg: Any) -> set[int]:
+    layers = getattr(cfg, "moe_layers", None)
+    if layers is not None:
+        return set(layers)
+    step = int(getattr(cfg, "interleave_moe_layer_step", 1))
+    return set(range(step - 1, cfg.num_hidden_layers, step))
+
+
+def rope_layers(cfg: Any) -> list[bool]:
+    flags = getattr(cfg, "no_rope_layers", None)
+    if flags:
+        return [bool(f) for f in flags]
+    interval = int(getattr(cfg, "no_rope_layer_interval", 4))
+    return [(i + 1) % interval != 0 for i in range(cfg.num_hidden_layers)]
+
+
+class Llama4Attention(nn.Module):
+    def __init__(self, cfg: Any, layer: int, rotary: RotaryEmbedding, dtype: torch.dtype, backend: str,
+                 quant: QuantConfig | None, prefix: str) -> None:
+        super().__init__()
+        self.head_dim = head_dim_of(cfg)
+        bias = bool(getattr(cfg, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, bias, dtype, quant, f"{prefix}.qkv_proj")
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype,
+                                        quant, f"{prefix}.o_proj")
+        self.use_rope = rope_layers(cfg)[layer]
+        self.rotary_emb = rotary if self.use_rope else None
+        self.qk_norm_eps = float(cfg.rms_norm_eps) if self.use_rope and getattr(cfg, "use_qk_norm", False) else None
+        self.temperature = (not self.use_rope) and bool(getattr(cfg, "attn_temperature_tuning", False))
+        self.floor_scale, self.attn_scale = float(getattr(cfg, "floor_scale", 8192)), float(
+            getattr(cfg, "attn_scale", 0.1))
+        chunk = int(getattr(cfg, "attention_chunk_size", 0) or 0) if self.use_rope else 0
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend,
+                              chunk_size=chunk)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        t, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
+        if self.qk_norm_eps is not None:
+            q = l2_norm(q.reshape(t, -1, d), self.qk_norm_eps).reshape(t, -1)
+            k = l2_norm(k.reshape(t, -1, d), self.qk_norm_eps).reshape(t, -1)
+        if self.temperature:
+            scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * scale[:, None]).to(q.dtype)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class Llama4DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, layer: int, rotary: RotaryEmbedding, dtype: torch.dtype, backend: str,
+                 quant: QuantConfig | None) -> None:
+        super().__init__()
+        prefix = f"model.layers.{layer}"
+        self.self_attn = Llama4Attention(cfg, layer, rotary, dtype, backend, quant, f"{prefix}.self_attn")
+        if layer in moe_layers(cfg):
+            self.feed_forward = Llama4MoE(cfg, dtype, backend, quant, f"{prefix}.feed_forward", LlamaMLP)
+        else:
+            self.feed_forward = LlamaMLP(cfg, dtype, backend, quant, f"{prefix}.feed_forward",
+                                         intermediate_size=int(cfg.intermediate_size_mlp))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.feed_forward(x), residual
+
+
+class Llama4ForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+    skipped_prefixes = ("vision_model.", "multi_modal_projector.")
+    supports_cuda_graphs = False  # the MoE reference groups tokens on the host; the fused MoE kernel lifts this
+
+    def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str = "torch",
+                 quant: QuantConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        theta, scaling = rope_parameters(cfg)
+        rotary = RotaryEmbedding(head_dim_of(cfg), max_position, theta, scaling)
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.model.layers = nn.ModuleList(Llama4DecoderLayer(cfg, i, rotary, dtype, backend, quant)
+                                          for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
+        if getattr(cfg, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(positions, x, residual, batch)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        head_dim = head_dim_of(self.config)
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith(self.skipped_prefixes):
+                continue
+            name = name.removeprefix("language_model.")
+            if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+                continue
+            if (".q_proj." in name or ".k_proj." in name) and name.endswith(("weight", "bias")) \
+                    and tensor.dim() >= 1 and tensor.shape[0] % head_dim == 0:
+                tensor = interleaved_to_half(tensor, head_dim)
+            shard_id = None
+            for ckpt_part, (fused, sid) in self.packed_modules_mapping.items():
+                if f".{ckpt_part}." in name:
+                    name, shard_id = name.replace(f".{ckpt_part}.", f".{fused}."), sid
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            with torch.no_grad():
+                if loader is None:
+                    param.data.copy_(tensor)
+                else:
+                    loader(param, tensor, shard_id)
+            loaded.add(name)
+        return loaded
+
