@@ -5,7 +5,8 @@ sigmoid(logit), and the expert sees the token already multiplied by its score (a
 does). Experts are stored fused, as the checkpoints store them: `gate_up_proj` [E, H, 2I] (gate = first I
 columns) and `down_proj` [E, I, H]; expert e computes (silu(x G_e) * x U_e) D_e. The shared expert is a plain
 SwiGLU MLP added to every token. `fused_experts_torch` is the reference (a loop over the experts that got
-tokens); the grouped Triton kernel joins it with its tests.
+tokens, with a host sync); backend "triton" runs the grouped-GEMM kernel kernels/fused_moe.py (no host sync,
+CUDA-graph safe).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ def fused_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
 class FusedExperts(nn.Module):
     """The routed experts' weights, fused as Llama 4 checkpoints store them."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, backend: str = "torch") -> None:
         super().__init__()
+        self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inter, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, inter, hidden, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from llamaserve.kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores)
         return fused_experts_torch(x, self.gate_up_proj, self.down_proj, top_ids, top_scores)
 
 
@@ -58,7 +64,7 @@ class Llama4MoE(nn.Module):
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; Llama 4 uses 'silu'")
         self.top_k = int(cfg.num_experts_per_tok)
         self.router = ReplicatedLinear(cfg.hidden_size, cfg.num_local_experts, False, dtype)  # never quantized
-        self.experts = FusedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.experts = FusedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype, backend)
         self.shared_expert = mlp_cls(cfg, dtype, backend, quant, f"{prefix}.shared_expert",
                                      intermediate_size=cfg.intermediate_size)
 

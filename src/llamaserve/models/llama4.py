@@ -127,12 +127,12 @@ class Llama4ForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
     skipped_prefixes = ("vision_model.", "multi_modal_projector.")
-    supports_cuda_graphs = False  # the MoE reference groups tokens on the host; the fused MoE kernel lifts this
 
     def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str = "torch",
                  quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
+        self.supports_cuda_graphs = backend == "triton"  # the torch MoE reference groups tokens on the host
         theta, scaling = rope_parameters(cfg)
         rotary = RotaryEmbedding(head_dim_of(cfg), max_position, theta, scaling)
         self.model = nn.Module()
