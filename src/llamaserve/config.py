@@ -38,7 +38,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEVICES = ("auto", "cuda", "cpu")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
-QUANTIZATIONS = (None, "none", "fp8")
+QUANTIZATIONS = (None, "none", "fp8", "modelopt")
 
 
 def _kernel_backend(choice: str, device: torch.device) -> str:
@@ -215,20 +215,14 @@ class EngineArgs:
         dtype = DTYPES[self.dtype]
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        if self.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        quant_config = self._quant_config(source, dtype, device)
+        kv_auto_fp8 = self.kv_cache_dtype == "auto" and quant_config is not None and quant_config.kv_cache_fp8
+        if self.kv_cache_dtype in ("fp8", "fp8_e4m3") or kv_auto_fp8:  # auto: what the checkpoint was made for
             kv_dtype = torch.float8_e4m3fn
         elif self.kv_cache_dtype in ("bf16", "bfloat16"):
             kv_dtype = torch.bfloat16
         else:
             kv_dtype = dtype
-        quant_config = None
-        if self.quantization == "fp8":
-            from llamaserve.layers.quantization import QuantConfig
-
-            if dtype == torch.float32 and device.type == "cuda":
-                raise ConfigError("quantization='fp8' computes in bf16/fp16 on CUDA; set dtype to bfloat16 or auto.")
-            dummy = source.load_format == "dummy"
-            quant_config = QuantConfig("fp8", static_input_scales=dummy, online=not dummy)
         model_config = ModelConfig(
             model=source.path, tokenizer=self.tokenizer or source.tokenizer, load_format=source.load_format,
             hf_config=hf_config, dtype=dtype, max_seq_len=max_seq_len, seed=self.seed,
@@ -251,6 +245,32 @@ class EngineArgs:
         return EngineConfig(model_config, cache_config, scheduler_config, ParallelConfig(self.tp_size, 0),
                             device, backend, self._cuda_graph_sizes(device, backend), self.cuda_graph_padding,
                             overlap)
+
+    def _quant_config(self, source: Any, dtype: torch.dtype, device: torch.device) -> Any:
+        """A ModelOpt checkpoint's own scheme, else `quantization` (fp8: calibrated dummy or online)."""
+        import json
+        from pathlib import Path
+
+        from llamaserve.layers.quantization import QuantConfig, modelopt_config
+
+        ckpt = None
+        if source.load_format == "safetensors":
+            raw = json.loads((Path(source.path) / "config.json").read_text())
+            try:
+                ckpt = modelopt_config(source.path, raw)
+            except ValueError as e:
+                raise ConfigError(f"model={self.model!r}: {e}") from None
+        if ckpt is not None:
+            return ckpt  # --quantization fp8 / modelopt agree with it; anything else was refused above
+        if self.quantization == "modelopt":
+            raise ConfigError(f"quantization='modelopt' but {self.model!r} is not a ModelOpt checkpoint (no "
+                              "hf_quant_config.json); use quantization='fp8' to quantize it at load.")
+        if self.quantization != "fp8":
+            return None
+        if dtype == torch.float32 and device.type == "cuda":
+            raise ConfigError("quantization='fp8' computes in bf16/fp16 on CUDA; set dtype to bfloat16 or auto.")
+        dummy = source.load_format == "dummy"
+        return QuantConfig("fp8", static_input_scales=dummy, online=not dummy)
 
     def _cuda_graph_sizes(self, device: torch.device, backend: str) -> list[int]:
         """Decode batch sizes to capture: none on CPU, with enforce_eager, or with the torch reference kernels."""

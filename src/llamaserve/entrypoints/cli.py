@@ -101,10 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaserve.bench import cli as bench_cli
 
     bench_cli.add_parsers(bench)
+    quant = sub.add_parser("quantize", help="write a ModelOpt-layout FP8 checkpoint from a bf16/fp16 one",
+                           description="Calibrate on random tokens and write an FP8 (W8A8 per-tensor, FP8 KV "
+                                       "scales) checkpoint in NVIDIA ModelOpt's layout.")
+    quant.add_argument("model", help="source checkpoint directory (safetensors)")
+    quant.add_argument("--output", "-o", required=True, help="directory to write")
+    quant.add_argument("--format", choices=["fp8"], default="fp8", help="fp8 (NVFP4 is not written yet)")
+    quant.add_argument("--calib-tokens", type=int, default=512, help="random calibration tokens (512)")
+    quant.add_argument("--no-kv-cache-scales", action="store_true", help="write no k_scale / v_scale")
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
     serve.set_defaults(func=cmd_serve)
+    quant.set_defaults(func=cmd_quantize)
     return parser
+
+
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llamaserve.loader.quantize import quantize_checkpoint
+
+    if not (Path(ns.model) / "config.json").is_file():
+        raise ConfigError(f"{ns.model!r} is not a checkpoint directory with a config.json")
+    out = quantize_checkpoint(ns.model, ns.output, ns.calib_tokens, not ns.no_kv_cache_scales)
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

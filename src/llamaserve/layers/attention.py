@@ -134,7 +134,7 @@ class Attention(nn.Module):
         if self.backend != "triton" or d & (d - 1) or self.kv_cache is None:
             q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
             q, k = rotary(positions, q, k)
-            out = self.forward(q, k, v, batch)
+            out = self(q, k, v, batch)  # through __call__, so calibration hooks see q, k, v
             if out_scale is not None:
                 from llamaserve.layers.quantization import quantize_fp8
 

@@ -17,9 +17,13 @@ faster on the H200 (3.54 against 3.19 TB/s of weight streamed at batch 1; 8B bat
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,19 +51,62 @@ def reference_fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tenso
     return y.to(out_dtype)
 
 
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 @dataclass
 class QuantConfig:
-    """What the checkpoint (or --quantization) asks for. `method` is "fp8"; NVFP4 joins with the ModelOpt loader."""
+    """What the checkpoint (or --quantization) asks for. `method` is "fp8"; NVFP4 joins with its GEMM."""
 
     method: str = "fp8"
     static_input_scales: bool = True  # ModelOpt FP8 checkpoints carry input_scale; dummy weights are calibrated
     online: bool = False  # the checkpoint holds bf16/fp16 weights: quantize them per tensor while loading
-    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # names or fnmatch patterns
+    kv_cache_fp8: bool = False  # the checkpoint carries k_scale / v_scale for an FP8 KV cache
+
+    def excluded(self, prefix: str) -> bool:
+        """Whether the module at `prefix` (our fused names, or the checkpoint's) stays unquantized."""
+        names = {prefix, prefix.removeprefix("language_model.")}
+        for fused, parts in _FUSED_PARTS.items():
+            if prefix.endswith(fused):
+                names |= {prefix[: -len(fused)] + p for p in parts}
+        for pat in self.exclude_modules:
+            for name in names:
+                if fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(name, f"*.{pat}") or fnmatch.fnmatch(
+                        f"language_model.{name}", pat) or name.split(".")[-1] == pat:
+                    return True
+        return False
 
     def linear_method(self, prefix: str = "") -> Fp8LinearMethod | None:
-        if any(part and part in prefix for part in self.exclude_modules):
+        if self.excluded(prefix):
             return None
         return Fp8LinearMethod(self.static_input_scales)
+
+
+def modelopt_config(model_dir: str | Path, hf_config_dict: dict[str, Any]) -> QuantConfig | None:
+    """The QuantConfig of a ModelOpt checkpoint (`hf_quant_config.json`, or `quantization_config` with
+    quant_method "modelopt" in config.json), None for an unquantized one. Raises ValueError for schemes llamaserve
+    cannot run."""
+    qc = None
+    path = Path(model_dir) / "hf_quant_config.json"
+    if path.is_file():
+        qc = json.loads(path.read_text()).get("quantization", {})
+    else:
+        cfg = hf_config_dict.get("quantization_config") or {}
+        if cfg.get("quant_method") == "modelopt":
+            qc = cfg
+        elif cfg:
+            raise ValueError(f"quantization_config.quant_method={cfg.get('quant_method')!r} is not supported; "
+                             "llamaserve loads ModelOpt FP8 checkpoints (or quantizes bf16 ones: --quantization fp8)")
+    if qc is None:
+        return None
+    algo = str(qc.get("quant_algo", "")).upper()
+    if algo != "FP8":
+        raise ValueError(f"ModelOpt quant_algo={algo!r} is not supported yet; llamaserve runs FP8 checkpoints "
+                         "(NVFP4 comes with its GEMM)")
+    exclude = list(qc.get("exclude_modules") or qc.get("ignore") or []) or ["lm_head"]
+    kv = str(qc.get("kv_cache_quant_algo") or "").upper() == "FP8"
+    return QuantConfig("fp8", static_input_scales=True, online=False, exclude_modules=exclude, kv_cache_fp8=kv)
 
 
 class Fp8LinearMethod:

@@ -140,25 +140,44 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load (HF name, tensor) pairs; returns the parameter names that were filled."""
-        params = dict(self.named_parameters())
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+        return load_packed_weights(self, weights, self.packed_modules_mapping)
+
+
+def load_packed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                        packed: dict[str, tuple[str, object]], rename: Any = None) -> set[str]:
+    """Fill a model's parameters from (checkpoint name, tensor) pairs: checkpoint parts go into their fused
+    parameter (q/k/v -> qkv_proj, gate/up -> gate_up_proj) through the parameter's weight_loader; a ModelOpt
+    KV-cache scale (`...layers.N.self_attn.k_proj.k_scale` / `v_proj.v_scale`) sets layer N's attention scale.
+    `rename(name, tensor)` may rewrite a name and tensor first, or return None to skip the tensor."""
+    params = dict(model.named_parameters())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    attn_layers = model.attention_layers()
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if rename is not None:
+            renamed = rename(name, tensor)
+            if renamed is None:
                 continue
-            shard_id = None
-            for ckpt_part, (fused, sid) in self.packed_modules_mapping.items():
-                if f".{ckpt_part}." in name:
-                    name, shard_id = name.replace(f".{ckpt_part}.", f".{fused}."), sid
-                    break
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            with torch.no_grad():
-                if loader is None:
-                    param.data.copy_(tensor)
-                else:
-                    loader(param, tensor, shard_id)  # loaders cast (and quantize, for FP8 weights)
-            loaded.add(name)
-        return loaded
+            name, tensor = renamed
+        if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+            continue
+        if name.endswith((".k_scale", ".v_scale")):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            setattr(attn_layers[layer], name.rsplit(".", 1)[1], float(tensor.float().reshape(-1)[0]))
+            continue
+        shard_id = None
+        for ckpt_part, (fused, sid) in packed.items():
+            if f".{ckpt_part}." in name:
+                name, shard_id = name.replace(f".{ckpt_part}.", f".{fused}."), sid
+                break
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
+        param = params[name]
+        loader = getattr(param, "weight_loader", None)
+        with torch.no_grad():
+            if loader is None:
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor, shard_id)  # loaders cast (and quantize, for FP8 weights)
+        loaded.add(name)
+    return loaded

@@ -27,7 +27,7 @@ from llamaserve.layers.moe import Llama4MoE
 from llamaserve.layers.norm import RMSNorm
 from llamaserve.layers.quantization import QuantConfig
 from llamaserve.layers.rotary import RotaryEmbedding, rope_parameters
-from llamaserve.models.llama import LlamaMLP, head_dim_of
+from llamaserve.models.llama import LlamaMLP, head_dim_of, load_packed_weights
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,7 +40,8 @@ def interleaved_to_half(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Rows of a q/k projection, per head, from interleaved RoPE pairs to the half-split (neox) layout."""
     perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
     shape = w.shape
-    return w.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape)
+    raw = w.view(torch.uint8) if w.dtype.itemsize == 1 else w  # FP8: index the bytes (no fp8 gather on CPU)
+    return raw.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape).view(w.dtype)
 
 
 def moe_layers(cfg: Any) -> set[int]:
@@ -159,33 +160,15 @@ class Llama4ForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        tied = getattr(self.config, "tie_word_embeddings", False)
         head_dim = head_dim_of(self.config)
-        loaded: set[str] = set()
-        for name, tensor in weights:
+
+        def rename(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
             if name.startswith(self.skipped_prefixes):
-                continue
+                return None
             name = name.removeprefix("language_model.")
-            if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
-                continue
             if (".q_proj." in name or ".k_proj." in name) and name.endswith(("weight", "bias")) \
                     and tensor.dim() >= 1 and tensor.shape[0] % head_dim == 0:
                 tensor = interleaved_to_half(tensor, head_dim)
-            shard_id = None
-            for ckpt_part, (fused, sid) in self.packed_modules_mapping.items():
-                if f".{ckpt_part}." in name:
-                    name, shard_id = name.replace(f".{ckpt_part}.", f".{fused}."), sid
-                    break
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            with torch.no_grad():
-                if loader is None:
-                    param.data.copy_(tensor)
-                else:
-                    loader(param, tensor, shard_id)
-            loaded.add(name)
-        return loaded
+            return name, tensor
 
+        return load_packed_weights(self, weights, self.packed_modules_mapping, rename)
