@@ -31,17 +31,23 @@ def make_rotary(cfg: Any, max_position: int) -> RotaryEmbedding:
     return RotaryEmbedding(head_dim_of(cfg), max_position, theta, scaling)
 
 
+def add_attention_projections(module: nn.Module, cfg: Any, dtype: torch.dtype, quant: QuantConfig | None,
+                              prefix: str) -> None:
+    """head_dim, the fused qkv_proj, o_proj and this rank's head counts, shared by the Llama attention variants."""
+    module.head_dim = head_dim_of(cfg)
+    bias = bool(getattr(cfg, "attention_bias", False))
+    module.qkv_proj = QKVParallelLinear(cfg.hidden_size, module.head_dim, cfg.num_attention_heads,
+                                        cfg.num_key_value_heads, bias, dtype, quant, f"{prefix}.qkv_proj")
+    module.num_heads, module.num_kv_heads = module.qkv_proj.num_heads, module.qkv_proj.num_kv_heads
+    module.o_proj = RowParallelLinear(cfg.num_attention_heads * module.head_dim, cfg.hidden_size, bias, dtype,
+                                      quant, f"{prefix}.o_proj")
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, max_position: int, dtype: torch.dtype, backend: str,
                  quant: QuantConfig | None = None, prefix: str = "", rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.head_dim = head_dim_of(cfg)
-        bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias, dtype, quant, f"{prefix}.qkv_proj")
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype,
-                                        quant, f"{prefix}.o_proj")
+        add_attention_projections(self, cfg, dtype, quant, prefix)
         self.rotary_emb = rotary or make_rotary(cfg, max_position)  # one cos/sin table shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 

@@ -22,12 +22,11 @@ from torch import nn
 
 from llamaserve.layers.attention import Attention, ForwardBatch
 from llamaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from llamaserve.layers.linear import QKVParallelLinear, RowParallelLinear
 from llamaserve.layers.moe import Llama4MoE
 from llamaserve.layers.norm import RMSNorm
 from llamaserve.layers.quantization import QuantConfig
 from llamaserve.layers.rotary import RotaryEmbedding, rope_parameters
-from llamaserve.models.llama import LlamaMLP, head_dim_of, load_packed_weights
+from llamaserve.models.llama import LlamaMLP, add_attention_projections, head_dim_of, load_packed_weights
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,13 +63,7 @@ class Llama4Attention(nn.Module):
     def __init__(self, cfg: Any, layer: int, rotary: RotaryEmbedding, dtype: torch.dtype, backend: str,
                  quant: QuantConfig | None, prefix: str) -> None:
         super().__init__()
-        self.head_dim = head_dim_of(cfg)
-        bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias, dtype, quant, f"{prefix}.qkv_proj")
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype,
-                                        quant, f"{prefix}.o_proj")
+        add_attention_projections(self, cfg, dtype, quant, prefix)
         self.use_rope = rope_layers(cfg)[layer]
         self.rotary_emb = rotary if self.use_rope else None
         self.qk_norm_eps = float(cfg.rms_norm_eps) if self.use_rope and getattr(cfg, "use_qk_norm", False) else None
