@@ -270,7 +270,7 @@ class EngineArgs:
         if dtype == torch.float32 and device.type == "cuda":
             raise ConfigError("quantization='fp8' computes in bf16/fp16 on CUDA; set dtype to bfloat16 or auto.")
         dummy = source.load_format == "dummy"
-        return QuantConfig("fp8", static_input_scales=dummy, online=not dummy)
+        return QuantConfig("fp8", static_input_scales=dummy, online=not dummy, dummy=dummy)
 
     def _cuda_graph_sizes(self, device: torch.device, backend: str) -> list[int]:
         """Decode batch sizes to capture: none on CPU, with enforce_eager, or with the torch reference kernels."""

@@ -105,3 +105,28 @@ def test_dummy_presets(name, num_moe, qk_norm, experts):
     assert get_model_class(h).__name__ == "Llama4ForCausalLM"
     assert (h.hidden_size, h.num_hidden_layers, h.num_local_experts, h.vocab_size) == (5120, 48, experts, 202048)
     assert len(moe_layers(h)) == num_moe and sum(rope_layers(h)) == 36 and bool(h.use_qk_norm) == qk_norm
+
+
+def test_dummy_fp8_llama4_experts(tiny_llama4_dir):
+    """--quantization fp8 with dummy weights quantizes the fused experts too (dynamic activation scales); the
+    model stays close to the same weights dequantized into a float model."""
+    from llamaserve.layers.quantization import FP8
+
+    kw = dict(load_format="dummy", num_kv_blocks=32, max_num_tokens=64)
+    fp8 = LLM(str(tiny_llama4_dir), quantization="fp8", **kw)
+    ref = LLM(str(tiny_llama4_dir), **kw)
+    experts = fp8.engine.runner.model.model.layers[1].feed_forward.experts
+    assert experts.fp8 and experts.gate_up_proj.dtype == FP8 and experts.gate_up_proj_input_scale is None
+    qm, rm = fp8.engine.runner.model, ref.engine.runner.model
+    with torch.no_grad():
+        for (_, q), (_, r) in zip(qm.named_modules(), rm.named_modules()):
+            if hasattr(q, "weight_scale"):
+                r.weight.copy_(q.weight.float() * q.weight_scale)
+            elif getattr(q, "fp8", False):
+                r.gate_up_proj.copy_(q.gate_up_proj.float() * q.gate_up_proj_weight_scale)
+                r.down_proj.copy_(q.down_proj.float() * q.down_proj_weight_scale)
+            elif isinstance(getattr(q, "weight", None), torch.nn.Parameter):
+                r.weight.copy_(q.weight)
+    ids = torch.randint(3, 512, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    a, b = prefill_logits(ref, ids), prefill_logits(fp8, ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.layers.linear import ReplicatedLinear
-from llamaserve.layers.quantization import QuantConfig
+from llamaserve.layers.quantization import FP8, QuantConfig, dynamic_scale, quantize_fp8
 
 
 def fused_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor,
@@ -39,16 +39,85 @@ def fused_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
     return out.to(x.dtype)
 
 
-class FusedExperts(nn.Module):
-    """The routed experts' weights, fused as Llama 4 checkpoints store them."""
+def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor,
+                            top_scores: torch.Tensor, gu_scale: torch.Tensor, dn_scale: torch.Tensor,
+                            a1: torch.Tensor | None, a2: torch.Tensor | None) -> torch.Tensor:
+    """Reference of the FP8 experts, step for step as kernels/fused_moe.py: the scaled token quantized per tensor
+    (a1, or dynamic over all pairs), FP8 weights dequantized per expert, the SiLU-and-mul output quantized again
+    (a2, or dynamic) before the down projection."""
+    t, h = x.shape
+    k = top_ids.shape[1]
+    rows = x.repeat_interleave(k, dim=0) * top_scores.reshape(-1, 1).to(x.dtype)
+    s1 = a1 if a1 is not None else dynamic_scale(rows)
+    rows = quantize_fp8(rows, s1).float() * s1
+    inter = down.shape[1]
+    flat = top_ids.reshape(-1)
+    act = torch.zeros((t * k, inter), dtype=torch.float32, device=x.device)
+    for e in flat.unique().tolist():
+        sel = (flat == e).nonzero(as_tuple=True)[0]
+        gu = (rows[sel] @ (gate_up[e].float() * gu_scale[e])).to(x.dtype).float()
+        act[sel] = (gu[:, inter:] * F.silu(gu[:, :inter])).to(x.dtype).float()
+    s2 = a2 if a2 is not None else dynamic_scale(act)
+    act = quantize_fp8(act, s2).float() * s2
+    out = torch.zeros((t * k, h), dtype=torch.float32, device=x.device)
+    for e in flat.unique().tolist():
+        sel = (flat == e).nonzero(as_tuple=True)[0]
+        out[sel] = (act[sel] @ (down[e].float() * dn_scale[e])).to(x.dtype).float()
+    return out.view(t, k, h).sum(dim=1).to(x.dtype)
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, backend: str = "torch") -> None:
+
+class FusedExperts(nn.Module):
+    """The routed experts' weights, fused as Llama 4 checkpoints store them: `gate_up_proj` [E, H, 2I] and
+    `down_proj` [E, I, H]. FP8 (a QuantConfig that does not exclude them): float8_e4m3fn weights with one scale per
+    tensor (`gate_up_proj_weight_scale`, `down_proj_weight_scale`, ModelOpt's fused-expert names), static input
+    scales (`..._input_scale`) when the checkpoint has them, dynamic per-tensor otherwise (also for dummy
+    weights: there is no calibration pass through the experts yet); a float checkpoint is quantized at load."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, backend: str = "torch",
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.backend = backend
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inter, dtype=dtype), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, inter, hidden, dtype=dtype), requires_grad=False)
+        self.backend, self.num_experts = backend, num_experts
+        self.fp8 = quant is not None and not quant.excluded(prefix)
+        wdtype = FP8 if self.fp8 else dtype
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inter, dtype=wdtype),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, inter, hidden, dtype=wdtype), requires_grad=False)
+        if self.fp8:
+            static = quant.static_input_scales and not quant.online and not quant.dummy
+            for name in ("gate_up_proj", "down_proj"):
+                scale = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+                scale.weight_loader = self._scalar_loader
+                setattr(self, f"{name}_weight_scale", scale)
+                inp = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False) if static else None
+                if inp is not None:
+                    inp.weight_loader = self._scalar_loader
+                setattr(self, f"{name}_input_scale", inp)
+                getattr(self, name).weight_loader = self._make_weight_loader(name)
+
+    @staticmethod
+    def _scalar_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        param.data.copy_(loaded.float().reshape(-1).max())  # a per-expert vector collapses to its largest entry
+
+    def _make_weight_loader(self, name: str):
+        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+            if loaded.dtype != FP8:  # a float checkpoint: quantize with one scale per tensor
+                scale = dynamic_scale(loaded)
+                getattr(self, f"{name}_weight_scale").data.copy_(scale)
+                loaded = quantize_fp8(loaded, scale)
+            param.data.copy_(loaded)
+        return load
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            e = self.num_experts
+            args = (self.gate_up_proj_weight_scale.expand(e).contiguous(),
+                    self.down_proj_weight_scale.expand(e).contiguous(), self.gate_up_proj_input_scale,
+                    self.down_proj_input_scale)
+            if self.backend == "triton":
+                from llamaserve.kernels.fused_moe import fused_moe
+
+                return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *args)
+            return fused_experts_fp8_torch(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *args)
         if self.backend == "triton":
             from llamaserve.kernels.fused_moe import fused_moe
 
@@ -64,7 +133,8 @@ class Llama4MoE(nn.Module):
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; Llama 4 uses 'silu'")
         self.top_k = int(cfg.num_experts_per_tok)
         self.router = ReplicatedLinear(cfg.hidden_size, cfg.num_local_experts, False, dtype)  # never quantized
-        self.experts = FusedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype, backend)
+        self.experts = FusedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype, backend,
+                                    quant, f"{prefix}.experts")
         self.shared_expert = mlp_cls(cfg, dtype, backend, quant, f"{prefix}.shared_expert",
                                      intermediate_size=cfg.intermediate_size)
 

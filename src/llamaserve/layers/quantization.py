@@ -63,6 +63,7 @@ class QuantConfig:
     online: bool = False  # the checkpoint holds bf16/fp16 weights: quantize them per tensor while loading
     exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # names or fnmatch patterns
     kv_cache_fp8: bool = False  # the checkpoint carries k_scale / v_scale for an FP8 KV cache
+    dummy: bool = False  # random weights: linear input scales are calibrated at start, the experts' are dynamic
 
     def excluded(self, prefix: str) -> bool:
         """Whether the module at `prefix` (our fused names, or the checkpoint's) stays unquantized."""

@@ -53,19 +53,23 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             # fan-in: [out, in] matrices, [experts, in, out] fused expert weights
             bound = p.shape[-1] ** -0.5 if p.dim() == 2 else p.shape[1] ** -0.5 if p.dim() == 3 else 0.05
             if p.dtype == FP8:
-                _init_fp8(model.get_submodule(name.rsplit(".", 1)[0]), p, bound, generators[p.device])
+                owner, pname = name.rsplit(".", 1)
+                scale = "weight_scale" if pname == "weight" else f"{pname}_weight_scale"  # fused experts' names
+                _init_fp8(getattr(model.get_submodule(owner), scale), p, bound, generators[p.device],
+                          rows=4096 if p.dim() == 2 else 1)  # experts one at a time
                 continue
             p.uniform_(-bound, bound, generator=generators[p.device])
 
 
-def _init_fp8(layer: nn.Module, p: torch.Tensor, bound: float, gen: torch.Generator, rows: int = 4096) -> None:
+def _init_fp8(scale_param: torch.Tensor, p: torch.Tensor, bound: float, gen: torch.Generator,
+              rows: int = 4096) -> None:
     """uniform(-bound, bound) quantized with one per-tensor scale, in row chunks to bound the float32 copy."""
     scale = torch.tensor(bound / torch.finfo(FP8).max, device=p.device)
     for start in range(0, p.shape[0], rows):
         part = p[start : start + rows]
         drawn = torch.empty(part.shape, device=p.device).uniform_(-bound, bound, generator=gen)
         part.copy_(quantize_fp8(drawn, scale))
-    layer.weight_scale.fill_(scale.item())
+    scale_param.fill_(scale.item())
 
 
 def finalize_layers(model: nn.Module) -> None:
