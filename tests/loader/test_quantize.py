@@ -71,7 +71,8 @@ def test_quantized_smollm2_keeps_its_answers(smollm2_dir, tmp_path):
 
 
 def test_quantize_llama4(tmp_path):
-    """Llama 4: attention, dense and shared-expert MLPs in FP8; router and fused experts stay unquantized."""
+    """Llama 4: attention, dense and shared-expert MLPs and the fused experts (static scales) in FP8; the router
+    stays unquantized."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     cfg = Llama4TextConfig(
@@ -88,7 +89,9 @@ def test_quantize_llama4(tmp_path):
     q = LLM(str(out), num_kv_blocks=32, max_num_tokens=128)
     moe_layer = q.engine.runner.model.model.layers[1]
     assert moe_layer.feed_forward.shared_expert.gate_up_proj.weight.dtype == FP8
-    assert moe_layer.feed_forward.experts.gate_up_proj.dtype == torch.float32
+    experts = moe_layer.feed_forward.experts
+    assert experts.gate_up_proj.dtype == FP8 and 0 < experts.gate_up_proj_input_scale.item() < 1
+    assert 0 < experts.down_proj_input_scale.item() < 1 and experts.down_proj_weight_scale.item() > 0
     assert moe_layer.feed_forward.router.weight.dtype == torch.float32
     ids = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     ref = LLM(str(src), num_kv_blocks=32, max_num_tokens=128)

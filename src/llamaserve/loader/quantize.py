@@ -4,8 +4,10 @@ The source model runs once over `calib_tokens` random token ids (the engine's ow
 per linear layer, the absolute maximum of its input, and per attention layer that of its keys and values
 (ModelOpt's max calibration). Every q/k/v/o/gate/up/down projection is then written as float8_e4m3fn with
 `weight_scale` = amax(W) / 448 and `input_scale` = amax(input) / 448 under its checkpoint name; the KV-cache
-scales go to `...self_attn.k_proj.k_scale` / `v_proj.v_scale`; embeddings, norms, lm_head, the MoE router and
-(for now) the fused Llama 4 experts keep their precision and are listed in `exclude_modules`.
+scales go to `...self_attn.k_proj.k_scale` / `v_proj.v_scale`; the fused Llama 4 experts become FP8 with one scale
+per tensor (`experts.gate_up_proj_weight_scale`, `..._input_scale` from the amax of the score-scaled tokens and
+of the SiLU-and-mul output); embeddings, norms, lm_head and the MoE router keep their precision and are listed in
+`exclude_modules`.
 `hf_quant_config.json` and config.json's `quantization_config` (quant_method "modelopt") describe the result, so
 TensorRT-LLM, vLLM and llamaserve read it alike. One safetensors file is written (fine for the models tests use).
 """
@@ -20,11 +22,12 @@ import torch
 
 from llamaserve.layers.attention import Attention
 from llamaserve.layers.linear import LinearBase
+from llamaserve.layers.moe import FusedExperts
 from llamaserve.layers.quantization import FP8_MAX, quantize_fp8
 
 _PARTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
-_EXCLUDE = ["lm_head", "*.router", "*.experts", "vision_model*", "multi_modal_projector*"]
+_EXCLUDE = ["lm_head", "*.router", "vision_model*", "multi_modal_projector*"]
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
          "tokenizer.model", "chat_template.jinja", "chat_template.json")
 
@@ -42,6 +45,20 @@ def calibrate(llm, num_tokens: int, seed: int = 0) -> tuple[dict[str, float], di
             def on_linear(mod, args, name=name):
                 inputs[name] = max(inputs.get(name, 0.0), float(args[0].abs().amax()))
             hooks.append(module.register_forward_pre_hook(on_linear))
+        if isinstance(module, FusedExperts):
+            def on_experts(mod, args, name=name):
+                x, ids, scores = args
+                rows = x.repeat_interleave(ids.shape[1], dim=0) * scores.reshape(-1, 1).to(x.dtype)
+                inter = mod.down_proj.shape[1]
+                act_amax = 0.0
+                for e in ids.reshape(-1).unique().tolist():
+                    gu = rows[ids.reshape(-1) == e] @ mod.gate_up_proj[e].to(rows.dtype)
+                    act = gu[:, inter:] * torch.nn.functional.silu(gu[:, :inter])
+                    act_amax = max(act_amax, float(act.abs().amax()))
+                prev = inputs.get(f"{name}.gate_up_proj", 0.0), inputs.get(f"{name}.down_proj", 0.0)
+                inputs[f"{name}.gate_up_proj"] = max(prev[0], float(rows.abs().amax()))
+                inputs[f"{name}.down_proj"] = max(prev[1], act_amax)
+            hooks.append(module.register_forward_pre_hook(on_experts))
     for i, attn in enumerate(model.attention_layers()):
         assert isinstance(attn, Attention)
 
@@ -84,6 +101,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, calib_tokens: int = 51
     amax, kv = calibrate(llm, calib_tokens)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in iter_safetensors(src):
+        base = name.removeprefix("language_model.")
+        if base.endswith((".experts.gate_up_proj", ".experts.down_proj")) and base in amax:
+            w_scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
+            tensors[name] = quantize_fp8(t, w_scale).contiguous()
+            tensors[f"{name}_weight_scale"] = w_scale.reshape(())
+            tensors[f"{name}_input_scale"] = torch.tensor(max(amax[base], 1e-6) / FP8_MAX)
+            continue
         found = _module_of(name)
         if found is None or found[0] not in amax:
             tensors[name] = t.contiguous()
