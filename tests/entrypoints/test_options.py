@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from llamaserve.config import ConfigError, EngineArgs
 from llamaserve.entrypoints import options
@@ -228,3 +229,19 @@ def test_overlap_scheduling_spellings():
     with pytest.raises(ConfigError, match="disable_overlap_scheduler"):
         EngineArgs(model="smollm2-135m", load_format="dummy", device="cpu", overlap_scheduling=True,
                    disable_overlap_scheduler=True).create_engine_config()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--extra_llm_api_options", str(RECIPES / "trtllm-llama4-scout.yaml"), "--max_batch_size", "512",
+     "--max_num_tokens", "2048", "--max_seq_len", "2048", "--tp_size", "1", "--ep_size", "1"],
+    ["--config", str(RECIPES / "vllm-Llama4_Hopper.yaml"), "--tensor-parallel-size", "1", "--max-model-len", "8192"],
+    ["--config", str(RECIPES / "vllm-Llama4_Blackwell.yaml"), "--tensor-parallel-size", "1",
+     "--max-model-len", "8192"],
+])
+def test_llama4_recipes_build_an_engine_config(flags):
+    """The guides' Llama 4 settings, with the Scout preset, resolve all the way to an engine configuration (the
+    weights themselves need the GPU machine)."""
+    args, _ = parse("llama-4-scout", "--load-format", "dummy", "--device", "cpu", *flags)
+    cfg = args.create_engine_config()
+    assert cfg.model_config.hf_config.num_local_experts == 16
+    assert cfg.cache_config.kv_cache_dtype == torch.float8_e4m3fn
