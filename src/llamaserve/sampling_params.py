@@ -81,6 +81,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the tokens generated so far (repetition / presence / frequency penalty)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of n samples: n=1, seed offset so samples differ but stay reproducible."""
         seed = None if self.seed is None else self.seed + index

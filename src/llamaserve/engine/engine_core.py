@@ -90,9 +90,7 @@ class EngineCore:
 
     def _needs_known_tokens(self) -> bool:
         """Penalties read the previous tokens: take the step in flight first."""
-        return not self.overlap or any(
-            r.sampling_params.repetition_penalty != 1.0 or r.sampling_params.presence_penalty != 0.0
-            or r.sampling_params.frequency_penalty != 0.0 for r in self.scheduler.running)
+        return not self.overlap or any(r.sampling_params.has_penalties for r in self.scheduler.running)
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """Right after queueing a step: its tokens count as computed, and what it samples is a placeholder."""

@@ -72,7 +72,7 @@ class LinearBase(nn.Module):
     @property
     def static_input_scale(self) -> torch.Tensor | None:
         """The FP8 input scale when this layer takes a statically quantized input, else None."""
-        return self.input_scale if getattr(self, "input_scale", None) is not None else None
+        return getattr(self, "input_scale", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         _copy(param.data, loaded)

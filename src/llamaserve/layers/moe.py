@@ -52,16 +52,15 @@ def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.
     rows = quantize_fp8(rows, s1).float() * s1
     inter = down.shape[1]
     flat = top_ids.reshape(-1)
+    groups = [(e, (flat == e).nonzero(as_tuple=True)[0]) for e in flat.unique().tolist()]
     act = torch.zeros((t * k, inter), dtype=torch.float32, device=x.device)
-    for e in flat.unique().tolist():
-        sel = (flat == e).nonzero(as_tuple=True)[0]
+    for e, sel in groups:
         gu = (rows[sel] @ (gate_up[e].float() * gu_scale[e])).to(x.dtype).float()
         act[sel] = (gu[:, inter:] * F.silu(gu[:, :inter])).to(x.dtype).float()
     s2 = a2 if a2 is not None else dynamic_scale(act)
     act = quantize_fp8(act, s2).float() * s2
     out = torch.zeros((t * k, h), dtype=torch.float32, device=x.device)
-    for e in flat.unique().tolist():
-        sel = (flat == e).nonzero(as_tuple=True)[0]
+    for e, sel in groups:
         out[sel] = (act[sel] @ (down[e].float() * dn_scale[e])).to(x.dtype).float()
     return out.view(t, k, h).sum(dim=1).to(x.dtype)
 
@@ -108,21 +107,18 @@ class FusedExperts(nn.Module):
         return load
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor) -> torch.Tensor:
+        scales = ()
         if self.fp8:
             e = self.num_experts
-            args = (self.gate_up_proj_weight_scale.expand(e).contiguous(),
-                    self.down_proj_weight_scale.expand(e).contiguous(), self.gate_up_proj_input_scale,
-                    self.down_proj_input_scale)
-            if self.backend == "triton":
-                from llamaserve.kernels.fused_moe import fused_moe
-
-                return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *args)
-            return fused_experts_fp8_torch(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *args)
+            scales = (self.gate_up_proj_weight_scale.expand(e).contiguous(),
+                      self.down_proj_weight_scale.expand(e).contiguous(), self.gate_up_proj_input_scale,
+                      self.down_proj_input_scale)
         if self.backend == "triton":
             from llamaserve.kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores)
-        return fused_experts_torch(x, self.gate_up_proj, self.down_proj, top_ids, top_scores)
+            return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales)
+        reference = fused_experts_fp8_torch if self.fp8 else fused_experts_torch
+        return reference(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales)
 
 
 class Llama4MoE(nn.Module):

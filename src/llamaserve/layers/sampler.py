@@ -47,8 +47,7 @@ class SamplerOutput:
 
 
 def _penalize(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    rows = [i for i, p in enumerate(md.params)
-            if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    rows = [i for i, p in enumerate(md.params) if p.has_penalties]
     dev = logits.device
     for i in rows:
         p, row = md.params[i], logits[i]
@@ -106,8 +105,7 @@ class Sampler:
         """logits: [B, vocab] float32 -> one token per row."""
         k_max = max((p.logprobs for p in md.params if p.logprobs is not None), default=None)
         raw_logprobs = logits.log_softmax(dim=-1) if k_max is not None else None
-        if any(md.banned_token_ids) or any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                           or p.frequency_penalty != 0.0 for p in md.params):
+        if any(md.banned_token_ids) or any(p.has_penalties for p in md.params):
             logits = _penalize(logits.clone(), md)
             for i, banned in enumerate(md.banned_token_ids):
                 if banned:
