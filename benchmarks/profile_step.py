@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend] [fp8] [prompt_len]
     # writes $OUT/profile_b{N}[_fp8][_p{prompt_len}].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8
+    # MODEL=llama-4-scout (a preset; default llama-3.1-8b) profiles another model, named in the file
 
 Runs `batch_size` requests of 128 prompt tokens to steady decode, then profiles 20 decode steps. GPU kernel time
 is summed by category (attention, GEMM, norm, activation, sampling, copies, other); "GPU idle" is the wall
@@ -24,6 +25,7 @@ from llamaserve import LLM, SamplingParams
 
 CATEGORIES = [
     ("attention", r"paged_attn|flash|attention"),
+    ("moe", r"moe|align"),
     ("gemm", r"gemm|cutlass|nvjet|sm90_|sm80_|cublas|matmul|splitK"),
     ("norm", r"rms_norm"),
     ("activation", r"silu"),
@@ -45,7 +47,8 @@ def main() -> None:
     fp8 = len(sys.argv) > 3 and sys.argv[3] == "fp8"
     plen = int(sys.argv[4]) if len(sys.argv) > 4 else 128
     extra = {"quantization": "fp8", "kv_cache_dtype": "fp8"} if fp8 else {}
-    llm = LLM("llama-3.1-8b", load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.8,
+    model = os.environ.get("MODEL", "llama-3.1-8b")
+    llm = LLM(model, load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.8,
               kernel_backend=backend, max_batch_size=max(256, batch), **extra)
     params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
     for i in range(batch):
@@ -68,8 +71,8 @@ def main() -> None:
             by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + dev_us / 1e3
             launches += evt.count
     busy = sum(by_cat.values())
-    res = {"device": torch.cuda.get_device_name(0), "batch_size": batch, "backend": llm.config.kernel_backend,
-           "fp8": fp8,
+    res = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": batch,
+           "backend": llm.config.kernel_backend, "fp8": fp8,
            "steps": steps, "step_wall_ms": wall * 1e3 / steps,
            "gpu_busy_ms_per_step": busy / steps,
            "gpu_idle_ms_per_step": wall * 1e3 / steps - busy / steps,
@@ -77,9 +80,10 @@ def main() -> None:
            "gpu_ms_per_step_by_category": {k: v / steps for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}}
     res["top_kernels"] = [(e.key[:80], round((getattr(e, "self_device_time_total", 0) or 0) / 1e3 / steps, 4))
                           for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total",
-                                                                                           0) or 0))[:12]]
+                                                                                           0) or 0))[:25]]
     print(json.dumps(res, indent=1))
-    name = f"profile_b{batch}{'_fp8' if fp8 else ''}{f'_p{plen}' if plen != 128 else ''}.json"
+    tag = "" if model == "llama-3.1-8b" else f"{model}_"
+    name = f"profile_{tag}b{batch}{'_fp8' if fp8 else ''}{f'_p{plen}' if plen != 128 else ''}.json"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(res, f, indent=1)
 

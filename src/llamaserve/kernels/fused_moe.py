@@ -78,18 +78,22 @@ def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, Scores, AScale, WScale
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
           block_expert: torch.Tensor, scores: torch.Tensor, top_k: int, a_per_token: bool, mul_score: bool,
-          a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, block_m: int) -> None:
+          a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, block_m: int,
+          config: dict | None = None) -> None:
     num_pairs = out.shape[0]
     _, k, n = w.shape
     block_n = 64 if n >= 64 else triton.next_power_of_2(n)
     block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    launch = {"BLOCK_N": block_n, "BLOCK_K": block_k}
+    if config is not None:
+        launch = {key: v for key, v in config.items() if key != "BLOCK_M"}
     fp8 = w.dtype == torch.float8_e4m3fn
-    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    grid = (block_expert.numel(), triton.cdiv(n, launch["BLOCK_N"]))
     _moe_gemm_kernel[grid](
         a, w, out, sorted_pairs, block_expert, scores, a_scale if fp8 else scores, w_scale if fp8 else scores,
         num_pairs, n, k, top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         A_PER_TOKEN=a_per_token, MUL_SCORE=mul_score, FP8=fp8, PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_M=block_m, **launch)
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor,
