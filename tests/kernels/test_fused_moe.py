@@ -87,3 +87,76 @@ def test_fp8_kernel_matches_fp8_reference(static, device):
     got = fused_moe(x, gu8, dn8, top_ids, scores, *args).float()
     rel = (got - want).norm() / want.norm()
     assert rel < (1e-3 if dtype == torch.float32 else 3e-2), rel
+
+
+@pytest.mark.parametrize("n,e,block_m", [(1, 16, 16), (7, 5, 2), (300, 16, 16), (64, 128, 16), (5000, 8, 64)])
+def test_align_kernel_matches_torch(n, e, block_m, device):
+    """The one-program alignment kernel (and the torch fallback above ALIGN_MAX_PAIRS) give the torch ops' result
+    exactly: same pair order within an expert, same padding, same block experts."""
+    from llamaserve.kernels.fused_moe import align_by_expert_torch
+
+    gen = torch.Generator().manual_seed(n + e)
+    ids = torch.randint(0, e, (n, 1), generator=gen).to(device)
+    got = align_by_expert(ids, e, block_m)
+    want = align_by_expert_torch(ids, e, block_m)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_route_top1(device):
+    from llamaserve.kernels.fused_moe import align_by_expert_torch, route_top1
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(45, 16, generator=gen).to(device)
+    ids, scores, pairs, blocks = route_top1(logits, 16)
+    top_val, top_ids = logits.topk(1, dim=-1)
+    assert torch.equal(ids, top_ids)
+    torch.testing.assert_close(scores, torch.sigmoid(top_val).reshape(-1))
+    want = align_by_expert_torch(top_ids, 16, 16)
+    assert torch.equal(pairs, want[0]) and torch.equal(blocks, want[1])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_split_k_shared_and_router_logits(k, device):
+    """Shapes where the launch splits K in both GEMMs (float32 partials summed by the SiLU and reduce kernels), the
+    shared expert's output added in the epilogue / the reduction, and top-1 routing from the logits."""
+    from llamaserve.kernels.fused_moe import _launch
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    t, h, inter, e = 3, 1024, 1024, 4
+    assert _launch(t * k, 2 * inter, h, e)["SPLIT_K"] > 1 and _launch(t * k, h, inter, e)["SPLIT_K"] > 1
+    gen = torch.Generator().manual_seed(5 + k)
+    x, gate_up, down, top_ids, scores = _inputs(t, h, inter, e, k, dtype, device, gen)
+    shared = torch.randn(t, h, generator=gen).to(device, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    want = (shared.float() + fused_experts_torch(x, gate_up, down, top_ids, scores).float())
+    got = fused_moe(x, gate_up, down, top_ids, scores, shared=shared).float()
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+    if k == 1:
+        logits = torch.randn(t, e, generator=gen).to(device, dtype)
+        top_val, ids = logits.topk(1, dim=-1)
+        want = fused_experts_torch(x, gate_up, down, ids, torch.sigmoid(top_val.float()).to(dtype)).float()
+        got = fused_moe(x, gate_up, down, None, None, router_logits=logits).float()
+        torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_split_k_matches_fp8_reference(static, device):
+    """FP8 with split-K and the shared expert added: the kernel against the step-for-step FP8 reference, with the
+    weights in the [E, N, K] memory layout the model stores them in."""
+    from llamaserve.layers.moe import fused_experts_fp8_torch
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(13)
+    t, h, inter, e = 5, 1024, 1024, 4
+    x, gate_up, down, top_ids, scores = _inputs(t, h, inter, e, 1, dtype, device, gen)
+    gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
+    gu8 = quantize_fp8(gate_up, gs).transpose(1, 2).contiguous().transpose(1, 2)
+    dn8 = quantize_fp8(down, ds).transpose(1, 2).contiguous().transpose(1, 2)
+    a1 = x.float().abs().amax() / 448 if static else None
+    a2 = torch.tensor(4.0 / 448, device=device) if static else None
+    args = (gs.expand(e).contiguous(), ds.expand(e).contiguous(), a1, a2)
+    shared = torch.randn(t, h, generator=gen).to(device, dtype)
+    want = shared.float() + fused_experts_fp8_torch(x, gu8, dn8, top_ids, scores, *args).float()
+    got = fused_moe(x, gu8, dn8, top_ids, scores, *args, shared=shared).float()
+    rel = (got - want).norm() / want.norm()
+    assert rel < (1e-3 if dtype == torch.float32 else 3e-2), rel

@@ -1,13 +1,21 @@
 """Triton fused MoE: tokens grouped by expert, one grouped GEMM for gate-up and one for down (bf16 or FP8 W8A8).
 
-Routing (`align_by_expert`, torch ops on the device, no host sync, static shapes for CUDA graphs): the T * k
-(token, expert) pairs are sorted by expert and each expert's run is padded to a multiple of BLOCK_M, so every
-BLOCK_M-row block belongs to one expert; `block_expert[b]` is that expert, or -1 for the unused tail of the
-worst-case block count. The GEMM kernel loads a block's rows of A through `sorted_pairs` (pair = token * k + j;
-padding rows point past the end and are masked), multiplies them by the pair's router score when asked (Llama 4
-scales the token before the expert), and computes A @ W[e] with W stored as the checkpoints store it:
-gate_up [E, H, 2I] and down [E, I, H]. FP8: A is quantized per tensor before the kernel, W is float8_e4m3fn with
-one scale per expert; the product is rescaled in the epilogue. Reference: layers/moe.py `fused_experts_torch`.
+Routing: `align_by_expert` sorts the T * k (token, expert) pairs by expert and pads each expert's run to a multiple
+of BLOCK_M, so every BLOCK_M-row block belongs to one expert; `block_expert[b]` is that expert, or -1 for the
+unused tail of the worst-case block count (static shapes, no host sync: CUDA-graph safe). Up to `ALIGN_MAX_PAIRS`
+pairs this is one single-program kernel (`_align_kernel`, which for top-1 routing also takes the router logits and
+does the argmax and the sigmoid score); beyond it, torch ops on the device (`align_by_expert_torch`).
+
+GEMMs (`_moe_gemm_kernel`): a block's rows of A are gathered through `sorted_pairs` (pair = token * k + j; padding
+rows point past the end and are masked); gate-up reads the token's hidden state multiplied by the pair's router
+score (Llama 4 scales the token before the expert) and, for FP8 weights, quantizes it in the kernel with the
+per-tensor activation scale (no separate quantize pass); W is read through strides, so both the checkpoints'
+[E, K, N] layout and the [E, N, K] layout FP8 tensor cores prefer work (layers/moe.py stores the latter).
+Few tokens leave most of the GPU idle (one expert's weights, a long serial K loop), so small batches split K
+over `split_k` programs that write float32 partials; the SiLU-and-mul kernel and the final reduction sum them.
+The down GEMM adds the shared expert's output in its epilogue (top-1, no split), else `_reduce_kernel` sums the
+split partials and the k experts of a token and adds it. Launch parameters: `_launch` (an H200 sweep on Scout
+shapes, benchmarks/moe_bench.py). Reference: layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.norm_act import silu_and_mul
+from llamaserve.kernels.norm_act import round_e4m3, silu_and_mul
+
+ALIGN_MAX_PAIRS = 4096  # above this the torch alignment runs (prefill-sized steps, outside CUDA graphs)
 
 
-def align_by_expert(top_ids: torch.Tensor, num_experts: int, block_m: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted_pairs [num_blocks * block_m], block_expert [num_blocks]) for top_ids [T, k]."""
+def align_by_expert_torch(top_ids: torch.Tensor, num_experts: int, block_m: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pairs [num_blocks * block_m], block_expert [num_blocks]) for top_ids [T, k], in torch ops."""
     flat = top_ids.reshape(-1)
     n = flat.numel()
     num_blocks = triton.cdiv(n, block_m) + num_experts  # worst case: every expert's run ends in a partial block
@@ -43,12 +53,94 @@ def align_by_expert(top_ids: torch.Tensor, num_experts: int, block_m: int
 
 
 @triton.jit
-def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, Scores, AScale, WScale,
-                     num_pairs, N, K, TOP_K: tl.constexpr, stride_am, stride_we, stride_wk, stride_wn, stride_om,
-                     A_PER_TOKEN: tl.constexpr, MUL_SCORE: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr,
+def _align_kernel(Ids, Logits, Scores, SortedPairs, BlockExpert, n, num_blocks, stride_l,
+                  E: tl.constexpr, FROM_LOGITS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    p = tl.arange(0, BLOCK_P)
+    ok = p < n
+    if FROM_LOGITS:  # top-1 routing: the first largest logit, score = sigmoid(logit) rounded to the logits' dtype
+        ee = tl.arange(0, BLOCK_E)
+        lg = tl.load(Logits + p[:, None] * stride_l + ee[None, :], mask=ok[:, None] & (ee[None, :] < E),
+                     other=float("-inf")).to(tl.float32)
+        best = tl.max(lg, axis=1)
+        ids = tl.min(tl.where(lg == best[:, None], ee[None, :], BLOCK_E), axis=1)
+        score = tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
+        tl.store(Scores + p, score, mask=ok)
+        tl.store(Ids + p, ids.to(Ids.dtype.element_ty), mask=ok)
+        ids = tl.where(ok, ids, -1)
+    else:
+        ids = tl.load(Ids + p, mask=ok, other=-1).to(tl.int32)
+    rows = tl.arange(0, BLOCK_M)
+    bb = tl.arange(0, BLOCK_B)
+    start = tl.program_id(0) * 0  # rows used so far (a scalar tensor, carried through the loop)
+    for e in range(E):
+        hit = (ids == e).to(tl.int32)
+        cnt = tl.sum(hit, axis=0)
+        rank = tl.cumsum(hit, axis=0) - 1
+        tl.store(SortedPairs + start + rank, p.to(tl.int64), mask=hit > 0)
+        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        tl.store(SortedPairs + start + cnt + rows, n, mask=rows < padded - cnt)
+        tl.store(BlockExpert + start // BLOCK_M + bb, e, mask=bb < padded // BLOCK_M)
+        start += padded
+    used = start // BLOCK_M
+    for b0 in range(0, num_blocks, BLOCK_B):
+        b = b0 + bb
+        tl.store(BlockExpert + b, -1, mask=(b >= used) & (b < num_blocks))
+    for r0 in range(0, num_blocks * BLOCK_M, BLOCK_P):
+        r = r0 + p
+        tl.store(SortedPairs + r, n, mask=(r >= start) & (r < num_blocks * BLOCK_M))
+
+
+def _use_align_kernel(n: int, num_experts: int, device: torch.device) -> bool:
+    return n <= ALIGN_MAX_PAIRS and n * triton.next_power_of_2(num_experts) <= 65536
+
+
+def _align_launch(ids: torch.Tensor, logits: torch.Tensor | None, scores: torch.Tensor | None, n: int,
+                  num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_blocks = triton.cdiv(n, block_m) + num_experts
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int64, device=ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int64, device=ids.device)
+    from_logits = logits is not None
+    _align_kernel[(1,)](ids, logits if from_logits else ids, scores if from_logits else ids, sorted_pairs,
+                        block_expert, n, num_blocks, logits.stride(0) if from_logits else 0,
+                        E=num_experts, FROM_LOGITS=from_logits, BLOCK_P=max(16, triton.next_power_of_2(n)),
+                        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
+                        BLOCK_B=max(2, triton.next_power_of_2(triton.cdiv(n, block_m))))
+    return sorted_pairs, block_expert
+
+
+def align_by_expert(top_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pairs [num_blocks * block_m], block_expert [num_blocks]) for top_ids [T, k]."""
+    n = top_ids.numel()
+    if n == 0 or not _use_align_kernel(n, num_experts, top_ids.device):
+        return align_by_expert_torch(top_ids, num_experts, block_m)
+    return _align_launch(top_ids.reshape(-1).contiguous(), None, None, n, num_experts, block_m)
+
+
+def route_top1(logits: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 sigmoid routing and alignment in one kernel: logits [T, E] -> (top_ids [T, 1], scores [T] float32
+    holding sigmoid(top logit) rounded to the logits' dtype, sorted_pairs, block_expert)."""
+    t, num_experts = logits.shape
+    ids = torch.empty((t, 1), dtype=torch.int64, device=logits.device)
+    scores = torch.empty(t, dtype=torch.float32, device=logits.device)
+    if t == 0 or not _use_align_kernel(t, num_experts, logits.device):
+        top_val, ids = logits.topk(1, dim=-1)
+        scores = torch.sigmoid(top_val.float()).to(logits.dtype).float().reshape(-1)
+        return (ids, scores, *align_by_expert_torch(ids, num_experts, block_m))
+    sorted_pairs, block_expert = _align_launch(ids, logits, scores, t, num_experts, block_m)
+    return ids, scores, sorted_pairs, block_expert
+
+
+@triton.jit
+def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, Scores, AScale, WScale, Add,
+                     num_pairs, N, K, k_split, TOP_K: tl.constexpr, stride_am, stride_we, stride_wk, stride_wn,
+                     stride_om, stride_os, stride_add,
+                     A_PER_TOKEN: tl.constexpr, MUL_SCORE: tl.constexpr, QUANT_A: tl.constexpr, FP8: tl.constexpr,
+                     ADD: tl.constexpr, PARTIAL: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     e = tl.load(BlockExpert + pid_m)
     if e < 0:
         return
@@ -58,74 +150,194 @@ def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, Scores, AScale, WScale
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     kk = tl.arange(0, BLOCK_K)
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     a_ptrs = A + a_rows[:, None].to(tl.int64) * stride_am + kk[None, :]
     w_ptrs = W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn
     if MUL_SCORE:
         score = tl.load(Scores + pairs, mask=row_ok, other=0.0).to(tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
+    if FP8:
+        a_scale = tl.load(AScale)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 + kk) < k_hi
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if MUL_SCORE:
-            a = (a.to(tl.float32) * score[:, None]).to(w.dtype)
+        if MUL_SCORE:  # rounded to A's dtype, as the reference's x * score is
+            a = (a.to(tl.float32) * score[:, None]).to(A.dtype.element_ty)
+        if QUANT_A:  # per-tensor FP8 activation quantization, as quantize_fp8
+            a = round_e4m3(a.to(tl.float32) / a_scale).to(w.dtype)
+        elif MUL_SCORE:
+            a = a.to(w.dtype)
         acc += tl.dot(a, w, input_precision=PREC)
     if FP8:
-        acc = acc * (tl.load(AScale) * tl.load(WScale + e))
-    o_ptrs = Out + pairs[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        acc = acc * (a_scale * tl.load(WScale + e))
+    mask = row_ok[:, None] & col_ok[None, :]
+    if PARTIAL:  # float32 partial of split pid_s, summed by the next kernel
+        o_ptrs = Out + pid_s.to(tl.int64) * stride_os + pairs[:, None].to(tl.int64) * stride_om + cols[None, :]
+        tl.store(o_ptrs, acc, mask=mask)
+    else:
+        y = acc.to(Out.dtype.element_ty)
+        if ADD:  # the shared expert's output, added as the reference's bf16 `shared + routed`
+            add = tl.load(Add + (pairs // TOP_K)[:, None].to(tl.int64) * stride_add + cols[None, :], mask=mask,
+                          other=0.0)
+            y = (y.to(tl.float32) + add.to(tl.float32)).to(Out.dtype.element_ty)
+        tl.store(Out + pairs[:, None].to(tl.int64) * stride_om + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def _silu_mul_partials_kernel(X, Y, S, Ref, num_splits, stride_xs, stride_x, stride_y, N,
+                              HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """silu(gate) * up over the sum of the float32 split-K partials X [S, P, 2N], rounded to the model dtype (Ref's)
+    first, as the unsplit GEMM's output would be."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    for s in range(num_splits):
+        base = X + s * stride_xs + row * stride_x
+        g += tl.load(base + cols, mask=mask, other=0.0)
+        u += tl.load(base + N + cols, mask=mask, other=0.0)
+    dt = Ref.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    u = u.to(dt)
+    y = (g / (1.0 + tl.exp(-g))).to(dt) * u
+    if HAS_SCALE:
+        y = round_e4m3(y.to(tl.float32) / tl.load(S))
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(X, Add, Y, num_splits, stride_xs, stride_x, stride_add, stride_y, N,
+                   TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """Y[t] = Add[t] + sum_j round(sum_s X[s, t * TOP_K + j]) (the reference's rounding points)."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in range(TOP_K):
+        part = tl.zeros([BLOCK], tl.float32)
+        for s in range(num_splits):
+            part += tl.load(X + s * stride_xs + (t * TOP_K + j) * stride_x + cols, mask=mask, other=0.0).to(
+                tl.float32)
+        acc += part.to(Y.dtype.element_ty).to(tl.float32)
+    y = acc.to(Y.dtype.element_ty) if TOP_K > 1 else acc
+    if HAS_ADD:
+        y = (y.to(tl.float32) + tl.load(Add + t * stride_add + cols, mask=mask, other=0.0).to(tl.float32))
+    tl.store(Y + t * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _launch(num_pairs: int, n: int, k: int, num_experts: int) -> dict:
+    """Launch parameters from the H200 sweep on Scout shapes (benchmarks/moe_bench.py, weights [E, N, K]):
+    256-wide K steps throughout; 16-row blocks up to 128 pairs, 64-row blocks beyond; split-K when the
+    programs of the experts hit would not fill the GPU."""
+    block_m = 16 if num_pairs <= 128 else 64
+    block_n = 64 if num_pairs <= 16 or n > 8192 else 128
+    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
+    warps = 8 if block_m == 64 else 4
+    programs = min(num_pairs, num_experts) * triton.cdiv(n, block_n)
+    split = 1
+    while programs * split < 1024 and k // (split * 2) >= 2 * block_k and split < 16:
+        split *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 4,
+            "SPLIT_K": split}
 
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
           block_expert: torch.Tensor, scores: torch.Tensor, top_k: int, a_per_token: bool, mul_score: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, block_m: int,
-          config: dict | None = None) -> None:
-    num_pairs = out.shape[0]
+          config: dict | None = None, add: torch.Tensor | None = None) -> None:
+    """out [P, N] (or float32 partials [S, P, N] when config's SPLIT_K > 1) = rows of A @ W[expert]."""
+    num_pairs = out.shape[-2]
     _, k, n = w.shape
-    block_n = 64 if n >= 64 else triton.next_power_of_2(n)
-    block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
-    launch = {"BLOCK_N": block_n, "BLOCK_K": block_k}
-    if config is not None:
-        launch = {key: v for key, v in config.items() if key != "BLOCK_M"}
+    cfg = dict(config if config is not None else _launch(num_pairs, n, k, w.shape[0]))
+    cfg.pop("BLOCK_M", None)
+    split = cfg.pop("SPLIT_K", 1)
+    k_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     fp8 = w.dtype == torch.float8_e4m3fn
-    grid = (block_expert.numel(), triton.cdiv(n, launch["BLOCK_N"]))
+    quant_a = fp8 and a.dtype != torch.float8_e4m3fn
+    grid = (block_expert.numel(), triton.cdiv(n, cfg["BLOCK_N"]), split)
     _moe_gemm_kernel[grid](
         a, w, out, sorted_pairs, block_expert, scores, a_scale if fp8 else scores, w_scale if fp8 else scores,
-        num_pairs, n, k, top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
-        A_PER_TOKEN=a_per_token, MUL_SCORE=mul_score, FP8=fp8, PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, **launch)
+        add if add is not None else scores, num_pairs, n, k, k_split, top_k, a.stride(0), w.stride(0), w.stride(1),
+        w.stride(2), out.stride(-2), out.stride(0) if split > 1 else 0, add.stride(0) if add is not None else 0,
+        A_PER_TOKEN=a_per_token, MUL_SCORE=mul_score, QUANT_A=quant_a, FP8=fp8, ADD=add is not None,
+        PARTIAL=split > 1, PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **cfg)
 
 
-def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor,
-              top_scores: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor | None,
+              top_scores: torch.Tensor | None, gate_up_scale: torch.Tensor | None = None,
               down_scale: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
-              a2_scale: torch.Tensor | None = None, block_m: int = 16) -> torch.Tensor:
-    """sum over k of expert_{top_ids}(x * top_scores): x [T, H]; gate_up [E, H, 2I]; down [E, I, H].
-    FP8 weights take per-expert scales (gate_up_scale, down_scale [E]) and per-tensor activation scales a1 / a2
-    (None: dynamic)."""
+              a2_scale: torch.Tensor | None = None, shared: torch.Tensor | None = None,
+              router_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """shared + sum over k of expert_{top_ids}(x * top_scores): x [T, H]; gate_up [E, H, 2I]; down [E, I, H]
+    (any strides). With `router_logits` [T, E] instead of top_ids / top_scores: top-1 sigmoid routing in the
+    alignment kernel. FP8 weights take per-expert scales (gate_up_scale, down_scale [E]) and per-tensor activation
+    scales a1 (of the score-scaled token) / a2 (of the SiLU-and-mul output); None: dynamic, a1 = amax(x) / 448
+    (scores are at most 1), a2 = amax / 448 of the activation."""
     from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
 
     t, h = x.shape
-    top_k = top_ids.shape[1]
     num_experts, _, two_i = gate_up.shape
+    top_k = 1 if router_logits is not None else top_ids.shape[1]
     num_pairs = t * top_k
-    sorted_pairs, block_expert = align_by_expert(top_ids, num_experts, block_m)
-    scores = top_scores.reshape(-1).float().contiguous()
+    cfg1 = _launch(num_pairs, two_i, h, num_experts)
+    block_m = cfg1["BLOCK_M"]
+    if router_logits is not None:
+        _, scores, sorted_pairs, block_expert = route_top1(router_logits, block_m)
+    else:
+        sorted_pairs, block_expert = align_by_expert(top_ids, num_experts, block_m)
+        scores = top_scores.reshape(-1).float().contiguous()
     fp8 = gate_up.dtype == torch.float8_e4m3fn
-    inter = torch.empty((num_pairs, two_i), dtype=x.dtype, device=x.device)
-    if fp8:  # the router score scales the token before quantization, as the bf16 path scales it in the kernel
-        rows = (x.repeat_interleave(top_k, dim=0) * top_scores.reshape(-1, 1).to(x.dtype))
-        s1 = a1_scale if a1_scale is not None else dynamic_scale(rows)
-        _gemm(quantize_fp8(rows, s1), gate_up, inter, sorted_pairs, block_expert, scores, top_k, False, False, s1,
-              gate_up_scale, block_m)
-    else:
-        _gemm(x, gate_up, inter, sorted_pairs, block_expert, scores, top_k, True, True, None, None, block_m)
-    act = silu_and_mul(inter)  # [pairs, I]
-    out = torch.empty((num_pairs, h), dtype=x.dtype, device=x.device)
+    s1 = (a1_scale if a1_scale is not None else dynamic_scale(x)) if fp8 else None
+    split1 = cfg1["SPLIT_K"]
+    inter = torch.empty((split1, num_pairs, two_i) if split1 > 1 else (num_pairs, two_i),
+                        dtype=torch.float32 if split1 > 1 else x.dtype, device=x.device)
+    _gemm(x, gate_up, inter, sorted_pairs, block_expert, scores, top_k, True, True, s1, gate_up_scale, block_m,
+          config=cfg1)
+    s2 = None
     if fp8:
-        s2 = a2_scale if a2_scale is not None else dynamic_scale(act)
-        _gemm(quantize_fp8(act, s2), down, out, sorted_pairs, block_expert, scores, top_k, False, False, s2,
-              down_scale, block_m)
+        s2 = a2_scale
+        if s2 is None:  # dynamic: the activation in the model dtype first, then its amax
+            act = _silu_mul(inter, None, x)
+            s2 = dynamic_scale(act)
+            act = quantize_fp8(act, s2)
+        else:
+            act = _silu_mul(inter, s2, x)
     else:
-        _gemm(act, down, out, sorted_pairs, block_expert, scores, top_k, False, False, None, None, block_m)
-    return out.view(t, top_k, h).sum(dim=1) if top_k > 1 else out
+        act = _silu_mul(inter, None, x)
+    cfg2 = {**_launch(num_pairs, h, two_i // 2, num_experts), "BLOCK_M": block_m}
+    split2 = cfg2["SPLIT_K"]
+    direct = split2 == 1 and top_k == 1
+    out = torch.empty((t, h) if direct else (split2, num_pairs, h) if split2 > 1 else (num_pairs, h),
+                      dtype=torch.float32 if split2 > 1 else x.dtype, device=x.device)
+    _gemm(act, down, out, sorted_pairs, block_expert, scores, top_k, False, False, s2, down_scale, block_m,
+          config=cfg2, add=shared if direct else None)
+    if direct:
+        return out
+    y = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    if t:
+        block = min(1024, triton.next_power_of_2(h))
+        parts = out if split2 > 1 else out.unsqueeze(0)
+        _reduce_kernel[(t, triton.cdiv(h, block))](
+            parts, shared if shared is not None else parts, y, parts.shape[0], parts.stride(0), parts.stride(1),
+            shared.stride(0) if shared is not None else 0, y.stride(0), h, TOP_K=top_k,
+            HAS_ADD=shared is not None, BLOCK=block)
+    return y
+
+
+def _silu_mul(inter: torch.Tensor, out_scale: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul of the gate-up output, or of the sum of its float32 split-K partials [S, P, 2I]; `ref` is a
+    tensor of the model dtype."""
+    if inter.dim() == 2:
+        return silu_and_mul(inter, out_scale)
+    _, p, two_n = inter.shape
+    n = two_n // 2
+    y = torch.empty((p, n), dtype=torch.float8_e4m3fn if out_scale is not None else ref.dtype, device=inter.device)
+    if p:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_mul_partials_kernel[(p, triton.cdiv(n, block))](
+            inter, y, out_scale if out_scale is not None else inter, ref, inter.shape[0], inter.stride(0),
+            inter.stride(1), y.stride(0), n, HAS_SCALE=out_scale is not None, BLOCK=block)
+    return y

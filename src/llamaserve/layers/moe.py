@@ -43,12 +43,12 @@ def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.
                             top_scores: torch.Tensor, gu_scale: torch.Tensor, dn_scale: torch.Tensor,
                             a1: torch.Tensor | None, a2: torch.Tensor | None) -> torch.Tensor:
     """Reference of the FP8 experts, step for step as kernels/fused_moe.py: the scaled token quantized per tensor
-    (a1, or dynamic over all pairs), FP8 weights dequantized per expert, the SiLU-and-mul output quantized again
-    (a2, or dynamic) before the down projection."""
+    (a1, or dynamic: amax(x) / 448, which bounds the score-scaled token since scores are at most 1), FP8 weights
+    dequantized per expert, the SiLU-and-mul output quantized again (a2, or dynamic) before the down projection."""
     t, h = x.shape
     k = top_ids.shape[1]
     rows = x.repeat_interleave(k, dim=0) * top_scores.reshape(-1, 1).to(x.dtype)
-    s1 = a1 if a1 is not None else dynamic_scale(rows)
+    s1 = a1 if a1 is not None else dynamic_scale(x)
     rows = quantize_fp8(rows, s1).float() * s1
     inter = down.shape[1]
     flat = top_ids.reshape(-1)
