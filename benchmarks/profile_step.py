@@ -1,7 +1,9 @@
 """Per-step time breakdown with torch.profiler: where a decode step of dummy Llama-3.1-8B bf16 goes.
 
-    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_size] [kernel_backend] [fp8] [prompt_len]
-    # writes $OUT/profile_b{N}[_fp8][_p{prompt_len}].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8
+    PYTHONPATH=src python3 benchmarks/profile_step.py [batch_sizes] [kernel_backend] [fp8|nvfp4] [prompt_len]
+    # batch_sizes: one or several, comma-separated ("1,64"): the model loads once and each is profiled in turn
+    # writes $OUT/profile_b{N}[_fp8][_p{prompt_len}].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8,
+    # "nvfp4" = --quantization nvfp4 --kv-cache-dtype fp8
     # MODEL=llama-4-scout (a preset; default llama-3.1-8b) profiles another model, named in the file
 
 Runs `batch_size` requests of 128 prompt tokens to steady decode, then profiles 20 decode steps. GPU kernel time
@@ -42,27 +44,34 @@ def category(name: str) -> str:
 
 
 def main() -> None:
-    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    batches = [int(b) for b in (sys.argv[1] if len(sys.argv) > 1 else "1").split(",")]
     backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
-    fp8 = len(sys.argv) > 3 and sys.argv[3] == "fp8"
+    quant = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] in ("fp8", "nvfp4") else None
     plen = int(sys.argv[4]) if len(sys.argv) > 4 else 128
-    extra = {"quantization": "fp8", "kv_cache_dtype": "fp8"} if fp8 else {}
+    extra = {"quantization": quant, "kv_cache_dtype": "fp8"} if quant else {}
     model = os.environ.get("MODEL", "llama-3.1-8b")
     llm = LLM(model, load_format="dummy", max_seq_len=4096, kv_cache_free_gpu_memory_fraction=0.8,
-              kernel_backend=backend, max_batch_size=max(256, batch), **extra)
-    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+              kernel_backend=backend, max_batch_size=max(256, *batches), **extra)
+    for batch in batches:
+        profile_batch(llm, model, batch, quant, plen)
+
+
+def profile_batch(llm: LLM, model: str, batch: int, quant: str | None, plen: int) -> None:
+    settle, steps = 10 + batch * plen // 8192, 20
+    params = SamplingParams(max_tokens=settle + steps + 4, ignore_eos=True, temperature=0)
     for i in range(batch):
         llm.add_request([(7 * i + j) % 100000 + 10 for j in range(plen)], params)
-    for _ in range(10 + batch * plen // 8192):  # prefill and settle into decode
+    for _ in range(settle):  # prefill and settle into decode
         llm.step()
     torch.cuda.synchronize()
-    steps = 20
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             llm.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    while llm.engine.has_unfinished_requests():  # drain, so the next batch size starts from an empty engine
+        llm.step()
     by_cat: dict[str, float] = {}
     launches = 0
     for evt in prof.key_averages():
@@ -72,7 +81,7 @@ def main() -> None:
             launches += evt.count
     busy = sum(by_cat.values())
     res = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": batch,
-           "backend": llm.config.kernel_backend, "fp8": fp8,
+           "backend": llm.config.kernel_backend, "quantization": quant,
            "steps": steps, "step_wall_ms": wall * 1e3 / steps,
            "gpu_busy_ms_per_step": busy / steps,
            "gpu_idle_ms_per_step": wall * 1e3 / steps - busy / steps,
@@ -83,7 +92,7 @@ def main() -> None:
                                                                                            0) or 0))[:25]]
     print(json.dumps(res, indent=1))
     tag = "" if model == "llama-3.1-8b" else f"{model}_"
-    name = f"profile_{tag}b{batch}{'_fp8' if fp8 else ''}{f'_p{plen}' if plen != 128 else ''}.json"
+    name = f"profile_{tag}b{batch}{f'_{quant}' if quant else ''}{f'_p{plen}' if plen != 128 else ''}.json"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(res, f, indent=1)
 

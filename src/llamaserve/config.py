@@ -14,6 +14,9 @@ Decisions (where the issue is silent):
   static input scales calibrated on a random batch at start (the layout of a ModelOpt FP8 checkpoint); with a
   bf16/fp16/GGUF checkpoint, weights are quantized per tensor at load and activations use dynamic per-tensor scales
   (vLLM's online FP8). ModelOpt checkpoints (their own scales) come with the ModelOpt loader.
+- `quantization: nvfp4`: weights in NVIDIA's NVFP4 (e2m1 + e4m3 block scales of 16 + a global scale), activations
+  in bf16/fp16 (weight-only: Hopper has no FP4 tensor cores): random NVFP4 weights under `load_format: dummy`,
+  a bf16/fp16 checkpoint quantized at load; a ModelOpt NVFP4 checkpoint is recognised by itself.
 - KV memory on CUDA: `kv_cache_free_gpu_memory_fraction` (TensorRT-LLM, default 0.9) is the share of the memory
   free after weights and the activation peak; `gpu_memory_utilization` (vLLM) instead caps all of llamaserve's
   GPU memory at that share of the total, and the KV cache gets what is left. Setting both is an error.
@@ -38,7 +41,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEVICES = ("auto", "cuda", "cpu")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
-QUANTIZATIONS = (None, "none", "fp8", "modelopt")
+QUANTIZATIONS = (None, "none", "fp8", "nvfp4", "modelopt")
 
 
 def _kernel_backend(choice: str, device: torch.device) -> str:
@@ -159,8 +162,8 @@ class EngineArgs:
         _choice("device", self.device, DEVICES)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"quantization={self.quantization!r} is not supported; use 'fp8' (W8A8 per-tensor) or "
-                              "leave it unset.")
+            raise ConfigError(f"quantization={self.quantization!r} is not supported; use 'fp8' (W8A8 per-tensor), "
+                              "'nvfp4' (NVFP4 weights, bf16 activations) or leave it unset.")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size={self.max_batch_size} must be at least 1.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1) or self.block_size > 256:
@@ -247,7 +250,8 @@ class EngineArgs:
                             overlap)
 
     def _quant_config(self, source: Any, dtype: torch.dtype, device: torch.device) -> Any:
-        """A ModelOpt checkpoint's own scheme, else `quantization` (fp8: calibrated dummy or online)."""
+        """A ModelOpt checkpoint's own scheme, else `quantization` (fp8: calibrated dummy or online; nvfp4: random
+        NVFP4 dummy weights or online)."""
         import json
         from pathlib import Path
 
@@ -261,15 +265,20 @@ class EngineArgs:
             except ValueError as e:
                 raise ConfigError(f"model={self.model!r}: {e}") from None
         if ckpt is not None:
-            return ckpt  # --quantization fp8 / modelopt agree with it; anything else was refused above
+            if self.quantization in ("fp8", "nvfp4") and self.quantization != ckpt.method:
+                raise ConfigError(f"quantization={self.quantization!r} but {self.model!r} is a ModelOpt "
+                                  f"{ckpt.method} checkpoint; leave quantization unset (or 'modelopt').")
+            return ckpt
         if self.quantization == "modelopt":
             raise ConfigError(f"quantization='modelopt' but {self.model!r} is not a ModelOpt checkpoint (no "
-                              "hf_quant_config.json); use quantization='fp8' to quantize it at load.")
-        if self.quantization != "fp8":
+                              "hf_quant_config.json); use quantization='fp8' or 'nvfp4' to quantize it at load.")
+        if self.quantization not in ("fp8", "nvfp4"):
             return None
-        if dtype == torch.float32 and device.type == "cuda":
+        if self.quantization == "fp8" and dtype == torch.float32 and device.type == "cuda":
             raise ConfigError("quantization='fp8' computes in bf16/fp16 on CUDA; set dtype to bfloat16 or auto.")
         dummy = source.load_format == "dummy"
+        if self.quantization == "nvfp4":  # weight-only: no input scales to calibrate
+            return QuantConfig("nvfp4", static_input_scales=False, online=not dummy, dummy=dummy)
         return QuantConfig("fp8", static_input_scales=dummy, online=not dummy, dummy=dummy)
 
     def _cuda_graph_sizes(self, device: torch.device, backend: str) -> list[int]:

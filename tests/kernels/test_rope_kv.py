@@ -51,3 +51,36 @@ def test_matches_reference(heads, kv_dtype, device):
     untouched = torch.ones(num_slots, dtype=torch.bool, device=device)
     untouched[slots] = False
     assert (got_cache[:, untouched].float() == 0).all()
+
+
+@pytest.mark.parametrize("variant", ["rope_qk_norm", "nope_temperature"])
+def test_llama4_options_match_reference(variant, device):
+    """Llama 4: RoPE + L2 QK-norm (RoPE layers) and no RoPE + attention temperature (NoPE layers), against the
+    unfused ops of models/llama4.py; the cache gets the normed k."""
+    from llamaserve.models.llama4 import l2_norm
+
+    hq, hkv, d = 8, 2, 64
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    rope = RotaryEmbedding(d, 40000, 500000.0, LLAMA3).to(device)
+    t, num_slots = 9, 32
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
+    positions = torch.randint(0, 40000, (t,), generator=gen).to(device)
+    slots = torch.randperm(num_slots, generator=gen)[:t].to(device)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    if variant == "rope_qk_norm":
+        q, k = rope(positions, q, k)
+        q, k = l2_norm(q.reshape(t, hq, d), 1e-5), l2_norm(k.reshape(t, hkv, d), 1e-5)
+        kw = {"rope": True, "qk_norm_eps": 1e-5}
+    else:
+        scale = torch.log1p(torch.floor((positions.float() + 1.0) / 8192.0)) * 0.1 + 1.0
+        assert scale.max() > 1.0  # positions past floor_scale, so the temperature matters
+        q = (q * scale[:, None]).to(q.dtype)
+        kw = {"rope": False, "temperature": (8192.0, 0.1)}
+    want_cache = torch.zeros(2, num_slots, hkv, d, dtype=dtype, device=device)
+    write_kv_torch(want_cache, k.reshape(t, hkv, d), v.reshape(t, hkv, d), slots, 1.0, 1.0)
+    got_cache = torch.zeros_like(want_cache)
+    got_q = rope_and_write_kv(qkv, positions, rope.cos_cache, rope.sin_cache, got_cache, slots, hq, hkv, d, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_q, q.reshape(t, hq, d), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_cache, want_cache, atol=tol, rtol=tol)

@@ -99,11 +99,15 @@ def test_quantize_llama4(tmp_path):
     assert ((a - b).norm() / a.norm()).item() < 0.1
 
 
-def test_refuses_nvfp4_and_foreign_schemes(tiny_llama_dir, tmp_path):
+def test_refuses_unsupported_schemes(tiny_llama_dir, tmp_path):
+    """NVFP4 with blocks other than 16, other ModelOpt algorithms and foreign schemes (NVFP4 itself: see
+    test_quantize_nvfp4.py)."""
     import shutil
 
+    match = {"nvfp4": "group_size=32", "int4": "INT4_AWQ", "awq": "awq"}
     for name, files in {
-        "nvfp4": {"hf_quant_config.json": {"quantization": {"quant_algo": "NVFP4"}}},
+        "nvfp4": {"hf_quant_config.json": {"quantization": {"quant_algo": "NVFP4", "group_size": 32}}},
+        "int4": {"hf_quant_config.json": {"quantization": {"quant_algo": "INT4_AWQ", "group_size": 128}}},
         "awq": {"config.json": {"quantization_config": {"quant_method": "awq"}}},
     }.items():
         d = tmp_path / name
@@ -112,5 +116,5 @@ def test_refuses_nvfp4_and_foreign_schemes(tiny_llama_dir, tmp_path):
             cfg = json.loads((d / f).read_text()) if (d / f).exists() else {}
             cfg.update(extra)
             (d / f).write_text(json.dumps(cfg))
-        with pytest.raises(ConfigError, match="NVFP4" if name == "nvfp4" else "awq"):
+        with pytest.raises(ConfigError, match=match[name]):
             EngineArgs(model=str(d)).create_engine_config()

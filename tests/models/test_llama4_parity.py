@@ -108,15 +108,17 @@ def test_dummy_presets(name, num_moe, qk_norm, experts):
 
 
 def test_dummy_fp8_llama4_experts(tiny_llama4_dir):
-    """--quantization fp8 with dummy weights quantizes the fused experts too (dynamic activation scales); the
-    model stays close to the same weights dequantized into a float model."""
+    """--quantization fp8 with dummy weights quantizes the fused experts too, with static activation scales
+    calibrated at start like the linears'; the model stays close to the same weights dequantized into a float
+    model."""
     from llamaserve.layers.quantization import FP8
 
     kw = dict(load_format="dummy", num_kv_blocks=32, max_num_tokens=64)
     fp8 = LLM(str(tiny_llama4_dir), quantization="fp8", **kw)
     ref = LLM(str(tiny_llama4_dir), **kw)
     experts = fp8.engine.runner.model.model.layers[1].feed_forward.experts
-    assert experts.fp8 and experts.gate_up_proj.dtype == FP8 and experts.gate_up_proj_input_scale is None
+    assert experts.fp8 and experts.gate_up_proj.dtype == FP8
+    assert experts.gate_up_proj_input_scale > 0 and experts.down_proj_input_scale > 0 and experts._calib is None
     qm, rm = fp8.engine.runner.model, ref.engine.runner.model
     with torch.no_grad():
         for (_, q), (_, r) in zip(qm.named_modules(), rm.named_modules()):

@@ -101,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaserve.bench import cli as bench_cli
 
     bench_cli.add_parsers(bench)
-    quant = sub.add_parser("quantize", help="write a ModelOpt-layout FP8 checkpoint from a bf16/fp16 one",
-                           description="Calibrate on random tokens and write an FP8 (W8A8 per-tensor, FP8 KV "
-                                       "scales) checkpoint in NVIDIA ModelOpt's layout.")
+    quant = sub.add_parser("quantize", help="write a ModelOpt-layout FP8 or NVFP4 checkpoint from a bf16/fp16 one",
+                           description="Calibrate on random tokens and write an FP8 (W8A8 per-tensor) or NVFP4 "
+                                       "(e2m1 weights, e4m3 scales per 16) checkpoint, with FP8 KV scales, in NVIDIA "
+                                       "ModelOpt's layout.")
     quant.add_argument("model", help="source checkpoint directory (safetensors)")
     quant.add_argument("--output", "-o", required=True, help="directory to write")
-    quant.add_argument("--format", choices=["fp8"], default="fp8", help="fp8 (NVFP4 is not written yet)")
+    quant.add_argument("--qformat", "--format", dest="qformat", choices=["fp8", "nvfp4"], default="fp8",
+                       help="fp8 (default) or nvfp4 (ModelOpt's --qformat)")
     quant.add_argument("--calib-tokens", type=int, default=512, help="random calibration tokens (512)")
     quant.add_argument("--no-kv-cache-scales", action="store_true", help="write no k_scale / v_scale")
     gen.set_defaults(func=cmd_generate)
@@ -123,7 +125,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 
     if not (Path(ns.model) / "config.json").is_file():
         raise ConfigError(f"{ns.model!r} is not a checkpoint directory with a config.json")
-    out = quantize_checkpoint(ns.model, ns.output, ns.calib_tokens, not ns.no_kv_cache_scales)
+    out = quantize_checkpoint(ns.model, ns.output, ns.calib_tokens, not ns.no_kv_cache_scales, ns.qformat)
     print(f"wrote {out}")
     return 0
 

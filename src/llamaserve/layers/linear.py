@@ -3,9 +3,11 @@
 Column-parallel layers split the output features over `tp_size` ranks, row-parallel layers split the input
 features and all-reduce the result. Fused layers (QKV, gate-up) load each checkpoint part into its own slice
 through `weight_loader(param, loaded_weight, shard_id)`. The math lives in a `LinearMethod`, so models never
-branch on dtype: `UnquantizedLinearMethod`, or `Fp8LinearMethod` (layers/quantization.py) when a `QuantConfig`
-is given. Per-shard scales (`weight_scale`, `input_scale`) load into their shard's entry; the loader calls
-`finalize()` on every layer once all tensors are in, which gives a fused FP8 layer one shared scale.
+branch on dtype: `UnquantizedLinearMethod`, or `Fp8LinearMethod` (layers/quantization.py) / `Nvfp4LinearMethod`
+(layers/nvfp4.py) when a `QuantConfig` is given. Per-shard scalar scales (`weight_scale`, `weight_scale_2`,
+`input_scale`) load into their shard's entry; 2-D scales (NVFP4 block scales [out, in / 16]) are laid out like the
+weight and load through the same sharded loader. The loader calls `finalize()` on every layer once all tensors are
+in, which gives a fused FP8 layer one shared scale and a fused NVFP4 layer one global scale per row.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaserve.layers.quantization import FP8, QuantConfig, dynamic_scale, quantize_fp8
+from llamaserve.layers.quantization import FP8, Fp8LinearMethod, QuantConfig, dynamic_scale, quantize_fp8
 
 
 def _tp() -> tuple[int, int]:
@@ -61,9 +63,10 @@ class LinearBase(nn.Module):
         self.method = (quant.linear_method(prefix) if quant is not None else None) or UnquantizedLinearMethod()
         self.method.create_weights(self, in_features, out_features, dtype, len(self.shard_ids))
         self.weight.weight_loader = self._load_weight
-        for name in ("weight_scale", "input_scale"):
-            if getattr(self, name, None) is not None:
-                getattr(self, name).weight_loader = self._scale_loader
+        for name in ("weight_scale", "weight_scale_2", "input_scale"):
+            scale = getattr(self, name, None)
+            if scale is not None:  # block scales (2-D) shard like the weight; the rest hold one value per shard
+                scale.weight_loader = self.weight_loader if scale.dim() == 2 else self._scale_loader
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
@@ -71,18 +74,22 @@ class LinearBase(nn.Module):
 
     @property
     def static_input_scale(self) -> torch.Tensor | None:
-        """The FP8 input scale when this layer takes a statically quantized input, else None."""
-        return getattr(self, "input_scale", None)
+        """The FP8 input scale when this layer takes a statically quantized input, else None (NVFP4 layers keep
+        their input scale for a later W4A4 path, but take bf16/fp16 inputs)."""
+        return getattr(self, "input_scale", None) if isinstance(self.method, Fp8LinearMethod) else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         _copy(param.data, loaded)
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        """A higher-precision tensor into an FP8 weight (online quantization) gets its own per-tensor scale."""
+        """A higher-precision tensor into an FP8 weight (online quantization) gets its own per-tensor scale; into
+        an NVFP4 (packed uint8) weight, its own block and global scales."""
         if param.dtype == FP8 and loaded.dtype != FP8:
             scale = dynamic_scale(loaded)
             loaded = quantize_fp8(loaded, scale)
             self.weight_scale.data[self.shard_ids.index(shard_id)] = scale
+        elif param.dtype == torch.uint8 and loaded.is_floating_point():
+            loaded = self.method.quantize_on_load(self, loaded, shard_id)
         self.weight_loader(param, loaded, shard_id)
 
     def _scale_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.layers.linear import ReplicatedLinear
-from llamaserve.layers.quantization import FP8, QuantConfig, dynamic_scale, quantize_fp8
+from llamaserve.layers.moe_nvfp4 import Nvfp4FusedExperts
+from llamaserve.layers.quantization import FP8, FP8_MAX, QuantConfig, dynamic_scale, quantize_fp8
 
 
 def fused_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor,
@@ -41,7 +42,8 @@ def fused_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
 
 def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor,
                             top_scores: torch.Tensor, gu_scale: torch.Tensor, dn_scale: torch.Tensor,
-                            a1: torch.Tensor | None, a2: torch.Tensor | None) -> torch.Tensor:
+                            a1: torch.Tensor | None, a2: torch.Tensor | None,
+                            act_amax: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of the FP8 experts, step for step as kernels/fused_moe.py: the scaled token quantized per tensor
     (a1, or dynamic: amax(x) / 448, which bounds the score-scaled token since scores are at most 1), FP8 weights
     dequantized per expert, the SiLU-and-mul output quantized again (a2, or dynamic) before the down projection."""
@@ -57,6 +59,8 @@ def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.
     for e, sel in groups:
         gu = (rows[sel] @ (gate_up[e].float() * gu_scale[e])).to(x.dtype).float()
         act[sel] = (gu[:, inter:] * F.silu(gu[:, :inter])).to(x.dtype).float()
+    if act_amax is not None:  # calibration: the largest activation seen
+        act_amax.copy_(torch.maximum(act_amax, act.abs().amax()))
     s2 = a2 if a2 is not None else dynamic_scale(act)
     act = quantize_fp8(act, s2).float() * s2
     out = torch.zeros((t * k, h), dtype=torch.float32, device=x.device)
@@ -67,10 +71,13 @@ def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.
 
 class FusedExperts(nn.Module):
     """The routed experts' weights, fused as Llama 4 checkpoints store them: `gate_up_proj` [E, H, 2I] and
-    `down_proj` [E, I, H]. FP8 (a QuantConfig that does not exclude them): float8_e4m3fn weights with one scale per
-    tensor (`gate_up_proj_weight_scale`, `down_proj_weight_scale`, ModelOpt's fused-expert names), static input
-    scales (`..._input_scale`) when the checkpoint has them, dynamic per-tensor otherwise (also for dummy
-    weights: there is no calibration pass through the experts yet); a float checkpoint is quantized at load."""
+    `down_proj` [E, I, H] (logical shapes; in memory each expert's matrix is stored transposed, [E, 2I, H] and
+    [E, H, I], K contiguous, which the FP8 tensor-core GEMM reads faster: 4.3 against 3.8 TB/s on the H200 sweep
+    of benchmarks/moe_bench.py; loading copies through the transposed view). FP8 (a QuantConfig that does not
+    exclude them): float8_e4m3fn weights with one scale per tensor (`gate_up_proj_weight_scale`,
+    `down_proj_weight_scale`, ModelOpt's fused-expert names), static input scales (`..._input_scale`) from the
+    checkpoint or, for dummy weights, calibrated at start (`begin_calibration` / `end_calibration`, called by
+    `calibrate_input_scales`); dynamic per-tensor for a float checkpoint quantized at load."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, backend: str = "torch",
                  quant: QuantConfig | None = None, prefix: str = "") -> None:
@@ -78,11 +85,13 @@ class FusedExperts(nn.Module):
         self.backend, self.num_experts = backend, num_experts
         self.fp8 = quant is not None and not quant.excluded(prefix)
         wdtype = FP8 if self.fp8 else dtype
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inter, dtype=wdtype),
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=wdtype).transpose(1, 2),
                                          requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, inter, hidden, dtype=wdtype), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=wdtype).transpose(1, 2),
+                                      requires_grad=False)
+        self._calib: list[torch.Tensor] | None = None
         if self.fp8:
-            static = quant.static_input_scales and not quant.online and not quant.dummy
+            static = quant.static_input_scales and not quant.online
             for name in ("gate_up_proj", "down_proj"):
                 scale = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
                 scale.weight_loader = self._scalar_loader
@@ -106,19 +115,60 @@ class FusedExperts(nn.Module):
             param.data.copy_(loaded)
         return load
 
-    def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor) -> torch.Tensor:
-        scales = ()
-        if self.fp8:
-            e = self.num_experts
-            scales = (self.gate_up_proj_weight_scale.expand(e).contiguous(),
-                      self.down_proj_weight_scale.expand(e).contiguous(), self.gate_up_proj_input_scale,
-                      self.down_proj_input_scale)
-        if self.backend == "triton":
+    def begin_calibration(self) -> bool:
+        """Static input scales from the next forward passes (ModelOpt's max calibration); dynamic meanwhile."""
+        if not self.fp8 or self.gate_up_proj_input_scale is None:
+            return False
+        dev = self.gate_up_proj.device
+        self._calib = [torch.zeros((), device=dev), torch.zeros((), device=dev)]
+        return True
+
+    def end_calibration(self) -> None:
+        if self._calib is None:
+            return
+        for name, amax in zip(("gate_up_proj", "down_proj"), self._calib):
+            getattr(self, f"{name}_input_scale").data.copy_((amax / FP8_MAX).clamp(min=1e-6))
+        self._calib = None
+
+    def _scales(self) -> tuple:
+        if not self.fp8:
+            return ()
+        e = self.num_experts
+        a1, a2 = self.gate_up_proj_input_scale, self.down_proj_input_scale
+        if self._calib is not None:
+            a1 = a2 = None
+        return (self.gate_up_proj_weight_scale.expand(e).contiguous(),
+                self.down_proj_weight_scale.expand(e).contiguous(), a1, a2)
+
+    def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+        """sum over k of expert_{top_ids}(x * top_scores), plus `shared` when given."""
+        scales = self._scales()
+        if self._calib is not None:  # record the amax of the score-scaled tokens and of the activation
+            rows = x.repeat_interleave(top_ids.shape[1], dim=0) * top_scores.reshape(-1, 1).to(x.dtype)
+            self._calib[0].copy_(torch.maximum(self._calib[0], rows.abs().amax().float()))
+            out = fused_experts_fp8_torch(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales,
+                                          act_amax=self._calib[1])
+        elif self.backend == "triton":
             from llamaserve.kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales)
-        reference = fused_experts_fp8_torch if self.fp8 else fused_experts_torch
-        return reference(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales)
+            return fused_moe(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales, shared=shared)
+        else:
+            reference = fused_experts_fp8_torch if self.fp8 else fused_experts_torch
+            out = reference(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales)
+        return out if shared is None else shared + out
+
+    def forward_logits(self, x: torch.Tensor, logits: torch.Tensor, top_k: int,
+                       shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Route (top-k on the router logits, sigmoid of the chosen logit) and run the experts. The Triton backend
+        does top-1 routing inside the alignment kernel; otherwise through `forward` (so hooks see ids and scores)."""
+        if self.backend == "triton" and top_k == 1 and self._calib is None:
+            from llamaserve.kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.gate_up_proj, self.down_proj, None, None, *self._scales(), shared=shared,
+                             router_logits=logits)
+        top_val, top_ids = logits.topk(top_k, dim=-1)
+        return self(x, top_ids, torch.sigmoid(top_val.float()).to(x.dtype), shared=shared)
 
 
 class Llama4MoE(nn.Module):
@@ -129,14 +179,17 @@ class Llama4MoE(nn.Module):
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; Llama 4 uses 'silu'")
         self.top_k = int(cfg.num_experts_per_tok)
         self.router = ReplicatedLinear(cfg.hidden_size, cfg.num_local_experts, False, dtype)  # never quantized
-        self.experts = FusedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype, backend,
-                                    quant, f"{prefix}.experts")
+        nvfp4 = quant is not None and quant.method == "nvfp4" and not quant.excluded(f"{prefix}.experts")
+        experts_cls = Nvfp4FusedExperts if nvfp4 else FusedExperts
+        self.experts = experts_cls(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype, backend,
+                                   quant, f"{prefix}.experts")
         self.shared_expert = mlp_cls(cfg, dtype, backend, quant, f"{prefix}.shared_expert",
                                      intermediate_size=cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)  # [T, E]
+        if isinstance(self.experts, FusedExperts):
+            return self.experts.forward_logits(x, logits, self.top_k, shared=self.shared_expert(x))
         top_val, top_ids = logits.topk(self.top_k, dim=-1)
         scores = torch.sigmoid(top_val.float()).to(x.dtype)
-        routed = self.experts(x, top_ids, scores)
-        return self.shared_expert(x) + routed
+        return self.shared_expert(x) + self.experts(x, top_ids, scores)

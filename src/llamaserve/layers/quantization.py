@@ -1,4 +1,5 @@
-"""Quantization methods a linear layer holds: FP8 W8A8 with per-tensor scales (ModelOpt / TensorRT-LLM layout).
+"""Quantization methods a linear layer holds: FP8 W8A8 with per-tensor scales (ModelOpt / TensorRT-LLM layout), and
+the QuantConfig that picks them (NVFP4 weight-only, `Nvfp4LinearMethod`, lives in layers/nvfp4.py).
 
 `Fp8LinearMethod` stores `weight` [out, in] as float8_e4m3fn (value = weight * weight_scale), one float32
 `weight_scale` per checkpoint shard while loading, and `input_scale` (static activation scale) when the checkpoint
@@ -23,10 +24,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from llamaserve.layers.nvfp4 import Nvfp4LinearMethod
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -56,11 +60,12 @@ _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("ga
 
 @dataclass
 class QuantConfig:
-    """What the checkpoint (or --quantization) asks for. `method` is "fp8"; NVFP4 joins with its GEMM."""
+    """What the checkpoint (or --quantization) asks for. `method`: "fp8" (W8A8 per-tensor) or "nvfp4" (weights in
+    NVFP4, activations in bf16/fp16; layers/nvfp4.py)."""
 
     method: str = "fp8"
-    static_input_scales: bool = True  # ModelOpt FP8 checkpoints carry input_scale; dummy weights are calibrated
-    online: bool = False  # the checkpoint holds bf16/fp16 weights: quantize them per tensor while loading
+    static_input_scales: bool = True  # ModelOpt checkpoints carry input_scale; dummy FP8 weights are calibrated
+    online: bool = False  # the checkpoint holds bf16/fp16 weights: quantize them while loading
     exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # names or fnmatch patterns
     kv_cache_fp8: bool = False  # the checkpoint carries k_scale / v_scale for an FP8 KV cache
     dummy: bool = False  # random weights: linear input scales are calibrated at start, the experts' are dynamic
@@ -78,16 +83,21 @@ class QuantConfig:
                     return True
         return False
 
-    def linear_method(self, prefix: str = "") -> Fp8LinearMethod | None:
+    def linear_method(self, prefix: str = "") -> Fp8LinearMethod | Nvfp4LinearMethod | None:
         if self.excluded(prefix):
             return None
+        if self.method == "nvfp4":
+            from llamaserve.layers.nvfp4 import Nvfp4LinearMethod
+
+            return Nvfp4LinearMethod(self.static_input_scales, prefix)
         return Fp8LinearMethod(self.static_input_scales)
 
 
 def modelopt_config(model_dir: str | Path, hf_config_dict: dict[str, Any]) -> QuantConfig | None:
     """The QuantConfig of a ModelOpt checkpoint (`hf_quant_config.json`, or `quantization_config` with
     quant_method "modelopt" in config.json), None for an unquantized one. Raises ValueError for schemes llamaserve
-    cannot run."""
+    cannot run. quant_algo FP8 -> method "fp8"; NVFP4 (group_size 16) -> "nvfp4" (W4A16_NVFP4, the weight-only
+    export without input scales, too)."""
     qc = None
     path = Path(model_dir) / "hf_quant_config.json"
     if path.is_file():
@@ -98,16 +108,24 @@ def modelopt_config(model_dir: str | Path, hf_config_dict: dict[str, Any]) -> Qu
             qc = cfg
         elif cfg:
             raise ValueError(f"quantization_config.quant_method={cfg.get('quant_method')!r} is not supported; "
-                             "llamaserve loads ModelOpt FP8 checkpoints (or quantizes bf16 ones: --quantization fp8)")
+                             "llamaserve loads ModelOpt FP8 and NVFP4 checkpoints (or quantizes bf16 ones: "
+                             "--quantization fp8 or nvfp4)")
     if qc is None:
         return None
     algo = str(qc.get("quant_algo", "")).upper()
-    if algo != "FP8":
-        raise ValueError(f"ModelOpt quant_algo={algo!r} is not supported yet; llamaserve runs FP8 checkpoints "
-                         "(NVFP4 comes with its GEMM)")
+    if algo not in ("FP8", "NVFP4", "W4A16_NVFP4"):
+        raise ValueError(f"ModelOpt quant_algo={algo!r} is not supported; llamaserve runs FP8 and NVFP4 checkpoints "
+                         "(re-export with --qformat fp8 or nvfp4, or `llamaserve quantize --qformat ...` a bf16 one)")
     exclude = list(qc.get("exclude_modules") or qc.get("ignore") or []) or ["lm_head"]
     kv = str(qc.get("kv_cache_quant_algo") or "").upper() == "FP8"
-    return QuantConfig("fp8", static_input_scales=True, online=False, exclude_modules=exclude, kv_cache_fp8=kv)
+    if algo == "FP8":
+        return QuantConfig("fp8", static_input_scales=True, online=False, exclude_modules=exclude, kv_cache_fp8=kv)
+    group = int(qc.get("group_size") or 16)
+    if group != 16:
+        raise ValueError(f"ModelOpt NVFP4 group_size={group} is not supported; NVFP4 has one e4m3 scale per 16 "
+                         "weights (re-export the checkpoint with group_size 16)")
+    return QuantConfig("nvfp4", static_input_scales=algo == "NVFP4", online=False, exclude_modules=exclude,
+                       kv_cache_fp8=kv)
 
 
 class Fp8LinearMethod:
@@ -177,12 +195,16 @@ def calibrate_input_scales(model: nn.Module, run: Callable[[], None]) -> int:
             acc.copy_(torch.maximum(acc, args[0].abs().amax().float()))
 
         hooks.append(m.register_forward_pre_hook(hook))
+    # other modules with static input scales (the fused MoE experts) calibrate themselves
+    others = [m for m in model.modules() if hasattr(m, "begin_calibration") and m.begin_calibration()]
     try:
         run()
     finally:
+        for m in others:
+            m.end_calibration()
         for h in hooks:
             h.remove()
         for m in layers:
             scale = (amax[id(m)] / FP8_MAX).clamp(min=1e-6)
             m.input_scale = nn.Parameter(scale, requires_grad=False)
-    return len(layers)
+    return len(layers) + len(others)

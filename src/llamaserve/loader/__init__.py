@@ -6,7 +6,9 @@ norms at 1; a matrix with `fan_in` input features is uniform in +-1/sqrt(fan_in)
 through the depth of the model, as in a trained one, rather than growing layer by layer). With an FP8
 `QuantConfig`, dummy FP8 weights are drawn the same way and quantized per tensor (scale = bound / 448); their
 static input scales are calibrated later by the model runner (`calibrate_input_scales`), once a KV cache exists
-to run a batch through.
+to run a batch through. With an NVFP4 `QuantConfig`, the packed weights are drawn the same way (fan-in = twice
+the packed width) and quantized as ModelOpt would (global scale bound / (6 * 448)); NVFP4 is weight-only, so
+there is nothing to calibrate.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from llamaserve.config import ModelConfig
 from llamaserve.layers.linear import LinearBase
+from llamaserve.layers.nvfp4 import init_dummy_nvfp4
 from llamaserve.layers.quantization import FP8, quantize_fp8
 from llamaserve.models.registry import get_model_class
 
@@ -43,7 +46,7 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("_scale"):  # FP8 scales: set by _init_fp8, or calibrated (input_scale)
+            if name.endswith(("_scale", "_scale_2")):  # set with their weights, or calibrated (input_scale)
                 continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -52,11 +55,16 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
                 generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             # fan-in: [out, in] matrices, [experts, in, out] fused expert weights
             bound = p.shape[-1] ** -0.5 if p.dim() == 2 else p.shape[1] ** -0.5 if p.dim() == 3 else 0.05
+            owner, pname = name.rpartition(".")[::2]
+            scale = "weight_scale" if pname == "weight" else f"{pname}_weight_scale"  # fused experts' names
             if p.dtype == FP8:
-                owner, pname = name.rsplit(".", 1)
-                scale = "weight_scale" if pname == "weight" else f"{pname}_weight_scale"  # fused experts' names
                 _init_fp8(getattr(model.get_submodule(owner), scale), p, bound, generators[p.device],
                           rows=4096 if p.dim() == 2 else 1)  # experts one at a time
+                continue
+            if p.dtype == torch.uint8:  # NVFP4, packed along the inputs: [out, in / 2], experts [E, out, in / 2]
+                module = model.get_submodule(owner)
+                init_dummy_nvfp4(p, getattr(module, scale), getattr(module, f"{scale}_2"),
+                                 (2 * p.shape[-1]) ** -0.5, generators[p.device])
                 continue
             p.uniform_(-bound, bound, generator=generators[p.device])
 
@@ -73,7 +81,8 @@ def _init_fp8(scale_param: torch.Tensor, p: torch.Tensor, bound: float, gen: tor
 
 
 def finalize_layers(model: nn.Module) -> None:
-    """Per-layer post-load step: fused FP8 layers get one shared weight (and input) scale."""
+    """Per-layer post-load step: fused FP8 layers get one shared weight (and input) scale, NVFP4 layers one global
+    scale per row."""
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.finalize()
@@ -98,7 +107,7 @@ def get_model(model_config: ModelConfig, device: torch.device, backend: str = "t
     loaded = model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
     if quant is not None and quant.online:  # scales come from quantizing at load, not from the checkpoint
-        expected = {n for n in expected if not n.endswith("_scale")}
+        expected = {n for n in expected if not n.endswith(("_scale", "_scale_2"))}
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_config.model} lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,4 +1,4 @@
-"""`llamaserve quantize`: write a ModelOpt-layout FP8 checkpoint from a bf16/fp16/fp32 one.
+"""`llamaserve quantize`: write a ModelOpt-layout FP8 or NVFP4 checkpoint from a bf16/fp16/fp32 one.
 
 The source model runs once over `calib_tokens` random token ids (the engine's own model, with hooks) to record,
 per linear layer, the absolute maximum of its input, and per attention layer that of its keys and values
@@ -10,6 +10,13 @@ of the SiLU-and-mul output); embeddings, norms, lm_head and the MoE router keep 
 `exclude_modules`.
 `hf_quant_config.json` and config.json's `quantization_config` (quant_method "modelopt") describe the result, so
 TensorRT-LLM, vLLM and llamaserve read it alike. One safetensors file is written (fine for the models tests use).
+
+`qformat="nvfp4"` (ModelOpt's `--qformat nvfp4`, `quant_algo: NVFP4`, `group_size: 16`): the same projections become
+`weight` uint8 [out, in / 2] + `weight_scale` e4m3 [out, in / 16] + `weight_scale_2` (amax(W) / (6 * 448)) +
+`input_scale` (amax(input) / (6 * 448)), layers/nvfp4.py; the fused experts are quantized in the orientation they
+multiply (rows = outputs) and written back in ModelOpt's bmm orientation: `experts.gate_up_proj` uint8
+[E, H / 2, 2I], `..._weight_scale` [E, H / 16, 2I], scalar `..._weight_scale_2` / `..._input_scale` (as ModelOpt
+exports Llama 4, layers/moe_nvfp4.py). Exclusions and KV-cache scales as for FP8.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from llamaserve.layers.attention import Attention
 from llamaserve.layers.linear import LinearBase
 from llamaserve.layers.moe import FusedExperts
+from llamaserve.layers.nvfp4 import FP4_MAX, quantize_nvfp4
 from llamaserve.layers.quantization import FP8_MAX, quantize_fp8
 
 _PARTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
@@ -88,12 +96,31 @@ def _module_of(ckpt_name: str) -> tuple[str, str] | None:
     return f"{parent}.{_PARTS[part]}", part
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, calib_tokens: int = 512, kv_fp8: bool = True) -> Path:
+def _fp8(t: torch.Tensor, input_amax: float) -> dict[str, torch.Tensor]:
+    """'' (the weight), '_weight_scale', '_input_scale' of one FP8 tensor."""
+    w_scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
+    return {"": quantize_fp8(t, w_scale).contiguous(), "_weight_scale": w_scale.reshape(()),
+            "_input_scale": torch.tensor(max(input_amax, 1e-6) / FP8_MAX)}
+
+
+def _nvfp4(t: torch.Tensor, input_amax: float, bmm: bool = False) -> dict[str, torch.Tensor]:
+    """The same for NVFP4, plus '_weight_scale_2'; `bmm`: fused experts [E, in, out], quantized along `in`."""
+    packed, block_scale, g = quantize_nvfp4(t.transpose(1, 2) if bmm else t)
+    if bmm:
+        packed, block_scale = packed.transpose(1, 2), block_scale.transpose(1, 2)
+    return {"": packed.contiguous(), "_weight_scale": block_scale.contiguous(), "_weight_scale_2": g,
+            "_input_scale": torch.tensor(max(input_amax, 1e-6) / (FP4_MAX * FP8_MAX))}
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, calib_tokens: int = 512, kv_fp8: bool = True,
+                        qformat: str = "fp8") -> Path:
     from safetensors.torch import save_file
 
     from llamaserve.entrypoints.llm import LLM
     from llamaserve.loader import iter_safetensors
 
+    if qformat not in ("fp8", "nvfp4"):
+        raise ValueError(f"qformat={qformat!r} is not supported; use 'fp8' or 'nvfp4'")
     src, out = Path(src), Path(out)
     # the torch reference kernels: their attention runs through Attention.forward, where the KV hooks sit
     llm = LLM(str(src), enforce_eager=True, num_kv_blocks=-(-calib_tokens // 16) + 4, max_num_tokens=calib_tokens,
@@ -103,20 +130,16 @@ def quantize_checkpoint(src: str | Path, out: str | Path, calib_tokens: int = 51
     for name, t in iter_safetensors(src):
         base = name.removeprefix("language_model.")
         if base.endswith((".experts.gate_up_proj", ".experts.down_proj")) and base in amax:
-            w_scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
-            tensors[name] = quantize_fp8(t, w_scale).contiguous()
-            tensors[f"{name}_weight_scale"] = w_scale.reshape(())
-            tensors[f"{name}_input_scale"] = torch.tensor(max(amax[base], 1e-6) / FP8_MAX)
+            parts = _nvfp4(t, amax[base], bmm=True) if qformat == "nvfp4" else _fp8(t, amax[base])
+            tensors.update({f"{name}{suffix}": v for suffix, v in parts.items()})  # ModelOpt's fused-expert names
             continue
         found = _module_of(name)
         if found is None or found[0] not in amax:
             tensors[name] = t.contiguous()
             continue
         stem = name[: -len(".weight")]
-        w_scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
-        tensors[name] = quantize_fp8(t, w_scale).contiguous()
-        tensors[f"{stem}.weight_scale"] = w_scale.reshape(())
-        tensors[f"{stem}.input_scale"] = torch.tensor(max(amax[found[0]], 1e-6) / FP8_MAX)
+        parts = _nvfp4(t, amax[found[0]]) if qformat == "nvfp4" else _fp8(t, amax[found[0]])
+        tensors.update({f"{stem}.{suffix[1:] or 'weight'}": v for suffix, v in parts.items()})
     prefix = "language_model." if any(k.startswith("language_model.") for k in tensors) else ""
     if kv_fp8:
         for i, (k_amax, v_amax) in kv.items():
@@ -125,7 +148,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, calib_tokens: int = 51
             tensors[f"{base}.v_proj.v_scale"] = torch.tensor(max(v_amax, 1e-6) / FP8_MAX)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": _EXCLUDE}
+    quant = {"quant_algo": qformat.upper(), "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
+             **({"group_size": 16} if qformat == "nvfp4" else {}), "exclude_modules": _EXCLUDE}
     (out / "hf_quant_config.json").write_text(json.dumps(
         {"producer": {"name": "modelopt", "version": "llamaserve-quantize"}, "quantization": quant}, indent=2))
     config = json.loads((src / "config.json").read_text())

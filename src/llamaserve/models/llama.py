@@ -7,6 +7,7 @@ flattened tokens of a whole step, `(input_ids [T], positions [T], batch)`, and r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -149,22 +150,33 @@ class LlamaForCausalLM(nn.Module):
         return load_packed_weights(self, weights, self.packed_modules_mapping)
 
 
+# one expert's tensor in a per-expert MoE checkpoint: `...experts.3.gate_up_proj.weight_scale` (after q/k/v and
+# gate/up are mapped to their fused names)
+_EXPERT_PART = re.compile(r"\.experts\.(\d+)\.(\w+?)\.(weight|weight_scale|weight_scale_2|input_scale)$")
+
+
 def load_packed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                         packed: dict[str, tuple[str, object]], rename: Any = None) -> set[str]:
     """Fill a model's parameters from (checkpoint name, tensor) pairs: checkpoint parts go into their fused
     parameter (q/k/v -> qkv_proj, gate/up -> gate_up_proj) through the parameter's weight_loader; a ModelOpt
     KV-cache scale (`...layers.N.self_attn.k_proj.k_scale` / `v_proj.v_scale`) sets layer N's attention scale.
-    `rename(name, tensor)` may rewrite a name and tensor first, or return None to skip the tensor."""
+    Per-expert tensors (`...experts.E.gate_proj.weight`, `.weight_scale`, ...) go to the fused experts' parameter
+    (`experts.gate_up_proj`, `experts.gate_up_proj_weight_scale`, ...) with shard id (E, part).
+    `rename(name, tensor)` may rewrite a name and tensor first, or return None to skip the tensor; NVFP4 block
+    scales ([out, in / 16], rows like their weight's) go through it under their weight's name, so a row
+    permutation of the weight (Llama 4's q/k) permutes them alike."""
     params = dict(model.named_parameters())
     tied = getattr(model.config, "tie_word_embeddings", False)
     attn_layers = model.attention_layers()
     loaded: set[str] = set()
     for name, tensor in weights:
         if rename is not None:
-            renamed = rename(name, tensor)
+            block_scale = name.endswith(".weight_scale") and tensor.dim() == 2
+            renamed = rename(name.removesuffix("_scale") if block_scale else name, tensor)
             if renamed is None:
                 continue
             name, tensor = renamed
+            name = name + "_scale" if block_scale else name
         if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
             continue
         if name.endswith((".k_scale", ".v_scale")):
@@ -176,6 +188,11 @@ def load_packed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
             if f".{ckpt_part}." in name:
                 name, shard_id = name.replace(f".{ckpt_part}.", f".{fused}."), sid
                 break
+        expert = _EXPERT_PART.search(name)
+        if expert is not None:
+            e, proj, kind = expert.groups()
+            name = f"{name[: expert.start()]}.experts.{proj}" + ("" if kind == "weight" else f"_{kind}")
+            shard_id = (int(e), shard_id)
         if name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
         param = params[name]

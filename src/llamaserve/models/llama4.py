@@ -66,6 +66,7 @@ class Llama4Attention(nn.Module):
         add_attention_projections(self, cfg, dtype, quant, prefix)
         self.use_rope = rope_layers(cfg)[layer]
         self.rotary_emb = rotary if self.use_rope else None
+        self._tables = rotary  # the fused kernel's cos/sin (unused on NoPE layers)
         self.qk_norm_eps = float(cfg.rms_norm_eps) if self.use_rope and getattr(cfg, "use_qk_norm", False) else None
         self.temperature = (not self.use_rope) and bool(getattr(cfg, "attn_temperature_tuning", False))
         self.floor_scale, self.attn_scale = float(getattr(cfg, "floor_scale", 8192)), float(
@@ -77,6 +78,17 @@ class Llama4Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         t, d = qkv.shape[0], self.head_dim
+        attn = self.attn
+        if attn.backend == "triton" and attn.kv_cache is not None and not d & (d - 1):
+            # RoPE / QK-norm / temperature and the KV write in one kernel, then attention (FP8 out for o_proj)
+            from llamaserve.kernels.rope_kv import rope_and_write_kv
+
+            q = rope_and_write_kv(qkv, positions, self._tables.cos_cache, self._tables.sin_cache, attn.kv_cache,
+                                  batch.slot_mapping, self.num_heads, self.num_kv_heads, d, attn.k_scale,
+                                  attn.v_scale, rope=self.use_rope, qk_norm_eps=self.qk_norm_eps,
+                                  temperature=(self.floor_scale, self.attn_scale) if self.temperature else None)
+            out = attn._triton(q, batch, self.o_proj.static_input_scale)
+            return self.o_proj(out.reshape(t, self.num_heads * d))
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
@@ -105,13 +117,18 @@ class Llama4DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        # the norms write FP8 directly when the next projection takes a static-scaled FP8 input (the MoE's router
+        # and experts take the bf16 output)
+        qkv_scale = self.self_attn.qkv_proj.static_input_scale
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, out_scale=qkv_scale)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale)
         x = self.self_attn(positions, x, batch)
-        x, residual = self.post_attention_layernorm(x, residual)
+        ff = self.feed_forward
+        mlp_scale = None if isinstance(ff, Llama4MoE) else ff.gate_up_proj.static_input_scale
+        x, residual = self.post_attention_layernorm(x, residual, out_scale=mlp_scale)
         return self.feed_forward(x), residual
 
 
