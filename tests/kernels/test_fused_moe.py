@@ -10,8 +10,8 @@ from llamaserve.layers.moe import fused_experts_torch
 from llamaserve.layers.quantization import FP8, quantize_fp8
 
 
-def test_align_by_expert():
-    top_ids = torch.tensor([[3], [0], [3], [3], [1], [0], [3]])
+def test_align_by_expert(device):
+    top_ids = torch.tensor([[3], [0], [3], [3], [1], [0], [3]], device=device)
     pairs, block_expert = align_by_expert(top_ids, num_experts=5, block_m=2)
     n = top_ids.numel()
     blocks = pairs.view(-1, 2)
@@ -160,3 +160,49 @@ def test_fp8_split_k_matches_fp8_reference(static, device):
     got = fused_moe(x, gu8, dn8, top_ids, scores, *args, shared=shared).float()
     rel = (got - want).norm() / want.norm()
     assert rel < (1e-3 if dtype == torch.float32 else 3e-2), rel
+
+
+@pytest.mark.parametrize("t,k", [(16, 1), (17, 1), (9, 2)])
+def test_fp8_prequantized_pairs_match_in_kernel_quantization(t, k, device):
+    """Around PREQUANT_MIN_PAIRS the gate-up input switches from in-kernel quantization to one quantize pass over
+    the pairs: both give the step-for-step FP8 reference's result (top-1 and top-2)."""
+    from llamaserve.kernels.fused_moe import PREQUANT_MIN_PAIRS
+    from llamaserve.layers.moe import fused_experts_fp8_torch
+
+    assert (t * k >= PREQUANT_MIN_PAIRS) == ((t, k) != (16, 1))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(17 * t + k)
+    x, gate_up, down, top_ids, scores = _inputs(t, 128, 64, 4, k, dtype, device, gen)
+    gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
+    gu8, dn8 = quantize_fp8(gate_up, gs), quantize_fp8(down, ds)
+    for a1, a2 in ((None, None), (x.float().abs().amax() / 448, torch.tensor(4.0 / 448, device=device))):
+        args = (gs.expand(4).contiguous(), ds.expand(4).contiguous(), a1, a2)
+        want = fused_experts_fp8_torch(x, gu8, dn8, top_ids, scores, *args).float()
+        got = fused_moe(x, gu8, dn8, top_ids, scores, *args).float()
+        rel = (got - want).norm() / want.norm()
+        assert rel < (1e-3 if dtype == torch.float32 else 3e-2), rel
+
+
+def test_launch_fits_shared_memory():
+    """Every launch the table picks keeps its pipeline stages within SMEM_BYTES, for FP8, bf16 and float32
+    operands (bf16 experts at 64-row blocks asked for 384 KB before)."""
+    from llamaserve.kernels.fused_moe import SMEM_BYTES, _launch
+
+    for pairs in (1, 16, 64, 129, 512, 4096):
+        for n, k in ((16384, 5120), (5120, 8192), (96, 64)):
+            for a_bytes, w_bytes in ((1, 1), (2, 1), (2, 2), (4, 4)):
+                c = _launch(pairs, n, k, 16, a_bytes, w_bytes)
+                need = c["num_stages"] * c["BLOCK_K"] * (c["BLOCK_M"] * a_bytes + c["BLOCK_N"] * w_bytes)
+                assert need <= SMEM_BYTES and c["BLOCK_K"] >= 16, (pairs, n, k, a_bytes, c)
+
+
+def test_bf16_large_batch_blocks(device):
+    """More than 128 pairs (64-row blocks, 128-wide N tiles): the float kernel still matches its reference."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(21)
+    h, inter = (128, 64) if device.type == "cpu" else (1024, 512)
+    x, gate_up, down, top_ids, scores = _inputs(150, h, inter, 3, 1, dtype, device, gen)
+    want = fused_experts_torch(x, gate_up, down, top_ids, scores)
+    got = fused_moe(x, gate_up, down, top_ids, scores)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)

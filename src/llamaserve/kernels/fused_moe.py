@@ -9,7 +9,10 @@ does the argmax and the sigmoid score); beyond it, torch ops on the device (`ali
 GEMMs (`_moe_gemm_kernel`): a block's rows of A are gathered through `sorted_pairs` (pair = token * k + j; padding
 rows point past the end and are masked); gate-up reads the token's hidden state multiplied by the pair's router
 score (Llama 4 scales the token before the expert) and, for FP8 weights, quantizes it in the kernel with the
-per-tensor activation scale (no separate quantize pass); W is read through strides, so both the checkpoints'
+per-tensor activation scale when the batch is tiny (at most `PREQUANT_MIN_PAIRS` pairs: no separate launch);
+for larger batches `_quant_pairs_kernel` writes the score-scaled FP8 rows [P, H] once first, since in-kernel
+quantization is redone by every N-tile program (at 256 pairs it made the gate-up GEMM ALU-bound: 96 of 106 ms
+per Scout decode step on the H200 were the MoE GEMMs); W is read through strides, so both the checkpoints'
 [E, K, N] layout and the [E, N, K] layout FP8 tensor cores prefer work (layers/moe.py stores the latter).
 Few tokens leave most of the GPU idle (one expert's weights, a long serial K loop), so small batches split K
 over `split_k` programs that write float32 partials; the SiLU-and-mul kernel and the final reduction sum them.
@@ -27,6 +30,8 @@ import triton.language as tl
 from llamaserve.kernels.norm_act import round_e4m3, silu_and_mul
 
 ALIGN_MAX_PAIRS = 4096  # above this the torch alignment runs (prefill-sized steps, outside CUDA graphs)
+PREQUANT_MIN_PAIRS = 17  # from this many pairs on, FP8 gate-up inputs are quantized once before the GEMM
+SMEM_BYTES = 200 * 1024  # shared memory a launch may plan on (the H100/H200 limit is 227 KB per block)
 
 
 def align_by_expert_torch(top_ids: torch.Tensor, num_experts: int, block_m: int
@@ -186,6 +191,18 @@ def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, Scores, AScale, WScale
 
 
 @triton.jit
+def _quant_pairs_kernel(X, Scores, S, Y, stride_x, stride_y, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Y[p] = fp8((x[p // TOP_K] * score[p]) rounded to x's dtype / S): the gate-up GEMM's A, quantized once."""
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + (p // TOP_K).to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    a = (x.to(tl.float32) * tl.load(Scores + p)).to(X.dtype.element_ty)
+    y = round_e4m3(a.to(tl.float32) / tl.load(S))
+    tl.store(Y + p.to(tl.int64) * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _silu_mul_partials_kernel(X, Y, S, Ref, num_splits, stride_xs, stride_x, stride_y, N,
                               HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """silu(gate) * up over the sum of the float32 split-K partials X [S, P, 2N], rounded to the model dtype (Ref's)
@@ -228,19 +245,26 @@ def _reduce_kernel(X, Add, Y, num_splits, stride_xs, stride_x, stride_add, strid
     tl.store(Y + t * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _launch(num_pairs: int, n: int, k: int, num_experts: int) -> dict:
-    """Launch parameters from the H200 sweep on Scout shapes (benchmarks/moe_bench.py, weights [E, N, K]):
+def _launch(num_pairs: int, n: int, k: int, num_experts: int, a_bytes: int = 1, w_bytes: int = 1) -> dict:
+    """Launch parameters from the H200 sweep on Scout shapes (benchmarks/moe_bench.py, FP8 weights [E, N, K]):
     256-wide K steps throughout; 16-row blocks up to 128 pairs, 64-row blocks beyond; split-K when the
-    programs of the experts hit would not fill the GPU."""
+    programs of the experts hit would not fill the GPU. Wider operands (bf16 A or W: `a_bytes`, `w_bytes`) get
+    fewer pipeline stages, then narrower K steps, so the stages fit in `SMEM_BYTES`."""
     block_m = 16 if num_pairs <= 128 else 64
     block_n = 64 if num_pairs <= 16 or n > 8192 else 128
     block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
     warps = 8 if block_m == 64 else 4
+    stages = 4
+    while stages * block_k * (block_m * a_bytes + block_n * w_bytes) > SMEM_BYTES:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
     programs = min(num_pairs, num_experts) * triton.cdiv(n, block_n)
     split = 1
     while programs * split < 1024 and k // (split * 2) >= 2 * block_k and split < 16:
         split *= 2
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 4,
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "SPLIT_K": split}
 
 
@@ -282,20 +306,30 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
     num_experts, _, two_i = gate_up.shape
     top_k = 1 if router_logits is not None else top_ids.shape[1]
     num_pairs = t * top_k
-    cfg1 = _launch(num_pairs, two_i, h, num_experts)
+    fp8 = gate_up.dtype == torch.float8_e4m3fn
+    prequant = fp8 and num_pairs >= PREQUANT_MIN_PAIRS
+    a_bytes = 1 if prequant else x.element_size()
+    cfg1 = _launch(num_pairs, two_i, h, num_experts, a_bytes, gate_up.element_size())
     block_m = cfg1["BLOCK_M"]
     if router_logits is not None:
         _, scores, sorted_pairs, block_expert = route_top1(router_logits, block_m)
     else:
         sorted_pairs, block_expert = align_by_expert(top_ids, num_experts, block_m)
         scores = top_scores.reshape(-1).float().contiguous()
-    fp8 = gate_up.dtype == torch.float8_e4m3fn
     s1 = (a1_scale if a1_scale is not None else dynamic_scale(x)) if fp8 else None
     split1 = cfg1["SPLIT_K"]
     inter = torch.empty((split1, num_pairs, two_i) if split1 > 1 else (num_pairs, two_i),
                         dtype=torch.float32 if split1 > 1 else x.dtype, device=x.device)
-    _gemm(x, gate_up, inter, sorted_pairs, block_expert, scores, top_k, True, True, s1, gate_up_scale, block_m,
-          config=cfg1)
+    if prequant:  # A = the score-scaled pairs in FP8, written once
+        a = torch.empty((num_pairs, h), dtype=gate_up.dtype, device=x.device)
+        block = min(1024, triton.next_power_of_2(h))
+        _quant_pairs_kernel[(num_pairs, triton.cdiv(h, block))](x, scores, s1, a, x.stride(0), a.stride(0), h,
+                                                                 TOP_K=top_k, BLOCK=block)
+        _gemm(a, gate_up, inter, sorted_pairs, block_expert, scores, top_k, False, False, s1, gate_up_scale,
+              block_m, config=cfg1)
+    else:
+        _gemm(x, gate_up, inter, sorted_pairs, block_expert, scores, top_k, True, True, s1, gate_up_scale, block_m,
+              config=cfg1)
     s2 = None
     if fp8:
         s2 = a2_scale
@@ -307,7 +341,8 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
             act = _silu_mul(inter, s2, x)
     else:
         act = _silu_mul(inter, None, x)
-    cfg2 = {**_launch(num_pairs, h, two_i // 2, num_experts), "BLOCK_M": block_m}
+    cfg2 = {**_launch(num_pairs, h, two_i // 2, num_experts, 1 if fp8 else x.element_size(), down.element_size()),
+            "BLOCK_M": block_m}
     split2 = cfg2["SPLIT_K"]
     direct = split2 == 1 and top_k == 1
     out = torch.empty((t, h) if direct else (split2, num_pairs, h) if split2 > 1 else (num_pairs, h),
