@@ -247,12 +247,15 @@ def _reduce_kernel(X, Add, Y, num_splits, stride_xs, stride_x, stride_add, strid
 
 def _launch(num_pairs: int, n: int, k: int, num_experts: int, a_bytes: int = 1, w_bytes: int = 1) -> dict:
     """Launch parameters from the H200 sweep on Scout shapes (benchmarks/moe_bench.py, FP8 weights [E, N, K]):
-    256-wide K steps throughout; 16-row blocks up to 128 pairs, 64-row blocks beyond; split-K when the
-    programs of the experts hit would not fill the GPU. Wider operands (bf16 A or W: `a_bytes`, `w_bytes`) get
+    256-wide K steps (128 at most 16 pairs); 16-row blocks up to 128 pairs, 64-row blocks beyond; split-K when
+    the programs of the experts hit would not fill the GPU (up to 2048 programs at most 16 pairs: at one token the
+    decode sweep measured gate-up 35 us with 128-wide K steps and 8 splits against 56 us with 256 and 4, down 52
+    against 59 us, SPLIT_SWEEP=1 of benchmarks/moe_bench.py, H200, 2026-11-30). Wider operands (bf16 A or W: `a_bytes`, `w_bytes`) get
     fewer pipeline stages, then narrower K steps, so the stages fit in `SMEM_BYTES`."""
     block_m = 16 if num_pairs <= 128 else 64
     block_n = 64 if num_pairs <= 16 or n > 8192 else 128
-    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
+    tiny = num_pairs <= 16
+    block_k = min(128 if tiny else 256, max(16, triton.next_power_of_2(k)))
     warps = 8 if block_m == 64 else 4
     stages = 4
     while stages * block_k * (block_m * a_bytes + block_n * w_bytes) > SMEM_BYTES:
@@ -262,7 +265,7 @@ def _launch(num_pairs: int, n: int, k: int, num_experts: int, a_bytes: int = 1, 
             block_k //= 2
     programs = min(num_pairs, num_experts) * triton.cdiv(n, block_n)
     split = 1
-    while programs * split < 1024 and k // (split * 2) >= 2 * block_k and split < 16:
+    while programs * split < (2048 if tiny else 1024) and k // (split * 2) >= 2 * block_k and split < 16:
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "SPLIT_K": split}
