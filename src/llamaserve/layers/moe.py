@@ -69,30 +69,15 @@ def fused_experts_fp8_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.
     return out.view(t, k, h).sum(dim=1).to(x.dtype)
 
 
-def expert_weight(num_experts: int, k: int, n: int, dtype: torch.dtype, device: torch.device | str | None = None
-                  ) -> torch.Tensor:
-    """An empty expert weight of logical shape [E, K, N], stored [E, N, K] (K contiguous) with each row's byte
-    length padded to an odd multiple of 128. NOTE: with power-of-two rows (Scout's down_proj: 8192 FP8 bytes) the
-    rows a GEMM tile reads together fall on the same few DRAM channels; at one token the down GEMM streamed 0.8
-    TB/s against the gate-up's 2.4 (5120-byte rows) on the H200 whatever the tiles or split (SPLIT_SWEEP=1 of
-    benchmarks/moe_bench.py). The padding costs under 3% of the experts' memory."""
-    size = torch.empty((), dtype=dtype).element_size()
-    units = -(-k * size // 128)
-    units += units % 2 == 0
-    padded = max(k, units * 128 // size)
-    return torch.empty(num_experts, n, padded, dtype=dtype, device=device)[:, :, :k].transpose(1, 2)
-
-
 class FusedExperts(nn.Module):
     """The routed experts' weights, fused as Llama 4 checkpoints store them: `gate_up_proj` [E, H, 2I] and
     `down_proj` [E, I, H] (logical shapes; in memory each expert's matrix is stored transposed, [E, 2I, H] and
     [E, H, I], K contiguous, which the FP8 tensor-core GEMM reads faster: 4.3 against 3.8 TB/s on the H200 sweep
-    of benchmarks/moe_bench.py; rows padded as `expert_weight` says; loading copies through the transposed view).
-    FP8 (a QuantConfig that does not exclude them): float8_e4m3fn weights with one scale per tensor
-    (`gate_up_proj_weight_scale`, `down_proj_weight_scale`, ModelOpt's fused-expert names), static input scales
-    (`..._input_scale`) from the checkpoint or, for dummy weights, calibrated at start (`begin_calibration` /
-    `end_calibration`, called by `calibrate_input_scales`); dynamic per-tensor for a float checkpoint quantized
-    at load."""
+    of benchmarks/moe_bench.py; loading copies through the transposed view). FP8 (a QuantConfig that does not
+    exclude them): float8_e4m3fn weights with one scale per tensor (`gate_up_proj_weight_scale`,
+    `down_proj_weight_scale`, ModelOpt's fused-expert names), static input scales (`..._input_scale`) from the
+    checkpoint or, for dummy weights, calibrated at start (`begin_calibration` / `end_calibration`, called by
+    `calibrate_input_scales`); dynamic per-tensor for a float checkpoint quantized at load."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, backend: str = "torch",
                  quant: QuantConfig | None = None, prefix: str = "") -> None:
@@ -100,8 +85,10 @@ class FusedExperts(nn.Module):
         self.backend, self.num_experts = backend, num_experts
         self.fp8 = quant is not None and not quant.excluded(prefix)
         wdtype = FP8 if self.fp8 else dtype
-        self.gate_up_proj = nn.Parameter(expert_weight(num_experts, hidden, 2 * inter, wdtype), requires_grad=False)
-        self.down_proj = nn.Parameter(expert_weight(num_experts, inter, hidden, wdtype), requires_grad=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=wdtype).transpose(1, 2),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=wdtype).transpose(1, 2),
+                                      requires_grad=False)
         self._calib: list[torch.Tensor] | None = None
         if self.fp8:
             static = quant.static_input_scales and not quant.online
