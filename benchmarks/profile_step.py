@@ -76,7 +76,9 @@ def profile_batch(llm: LLM, model: str, batch: int, quant: str | None, plen: int
     launches = 0
     for evt in prof.key_averages():
         dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-        if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA:
+        # NOTE: operator and runtime events (`aten::mm`, `cudaStreamIsCapturing`) can carry their kernels' device
+        # time again; only kernels and memcpys are counted
+        if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA and not evt.key.startswith(("aten::", "cuda")):
             by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + dev_us / 1e3
             launches += evt.count
     busy = sum(by_cat.values())
