@@ -70,17 +70,12 @@ def test_quantized_smollm2_keeps_its_answers(smollm2_dir, tmp_path):
     assert "Paris" in text
 
 
-def test_quantize_llama4(tmp_path):
+def test_quantize_llama4(tmp_path, small_llama4_config):
     """Llama 4: attention, dense and shared-expert MLPs and the fused experts (static scales) in FP8; the router
     stays unquantized."""
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers import Llama4ForCausalLM
 
-    cfg = Llama4TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
-        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=16, use_qk_norm=True,
-        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        initializer_range=0.05)
+    cfg = small_llama4_config
     torch.manual_seed(0)
     src = tmp_path / "l4"
     Llama4ForCausalLM(cfg).save_pretrained(src)

@@ -94,16 +94,11 @@ def test_smollm2_nvfp4_is_its_dequantized_model(smollm2_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llama4_nvfp4(tmp_path_factory) -> tuple[Path, Path]:
+def llama4_nvfp4(tmp_path_factory, small_llama4_config) -> tuple[Path, Path]:
     """A tiny random Llama 4 (bf16 source) and its NVFP4 checkpoint written by the CLI."""
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers import Llama4ForCausalLM
 
-    cfg = Llama4TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
-        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=16, use_qk_norm=True,
-        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        initializer_range=0.05)
+    cfg = small_llama4_config
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("l4nvfp4")
     Llama4ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path / "src")

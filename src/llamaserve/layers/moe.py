@@ -11,6 +11,7 @@ CUDA-graph safe).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,16 +27,24 @@ def fused_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
                         top_scores: torch.Tensor) -> torch.Tensor:
     """x [T, H]; gate_up [E, H, 2I]; down [E, I, H]; top_ids / top_scores [T, k] -> sum over k of
     expert_{id}(x * score), [T, H] in x's dtype."""
+    return experts_loop(x, top_ids, top_scores, lambda e: (gate_up[e], down[e]))
+
+
+def experts_loop(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                 weights_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The float reference's loop over the experts that got tokens (host sync); `weights_of(e)` gives expert e's
+    (gate_up [H, 2I], down [I, H]) in x's dtype, so quantized experts can dequantize one expert at a time."""
     t, h = x.shape
-    inter = down.shape[1]
     out = torch.zeros((t, h), dtype=torch.float32, device=x.device)
     flat_ids = top_ids.reshape(-1)
     rows = torch.arange(t, device=x.device).repeat_interleave(top_ids.shape[1])
     scaled = x[rows] * top_scores.reshape(-1, 1).to(x.dtype)  # [T * k, H]
     for e in flat_ids.unique().tolist():
         sel = (flat_ids == e).nonzero(as_tuple=True)[0]
-        gu = scaled[sel] @ gate_up[e]  # [n, 2I]
-        y = (gu[:, inter:] * F.silu(gu[:, :inter])) @ down[e]
+        w_gu, w_dn = weights_of(e)
+        inter = w_dn.shape[0]
+        gu = scaled[sel] @ w_gu  # [n, 2I]
+        y = (gu[:, inter:] * F.silu(gu[:, :inter])) @ w_dn
         out.index_add_(0, rows[sel], y.float())
     return out.to(x.dtype)
 

@@ -25,7 +25,6 @@ runs kernels/nvfp4_gemm.py's grouped GEMM.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.layers.nvfp4 import BLOCK, FP8, dequantize_nvfp4, quantize_nvfp4
@@ -38,20 +37,13 @@ def nvfp4_experts_torch(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: t
     """The float computation of layers/moe.py's `fused_experts_torch` on the dequantized experts (dequantized one
     expert at a time, in the [in, out] orientation it multiplies): x [T, H], packed weights as in the module
     docstring, top_ids / top_scores [T, k] -> [T, H] in x's dtype."""
-    t, h = x.shape
-    inter = down.shape[2] * 2
-    out = torch.zeros((t, h), dtype=torch.float32, device=x.device)
-    flat_ids = top_ids.reshape(-1)
-    rows = torch.arange(t, device=x.device).repeat_interleave(top_ids.shape[1])
-    scaled = x[rows] * top_scores.reshape(-1, 1).to(x.dtype)  # [T * k, H]
-    for e in flat_ids.unique().tolist():
-        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
-        w_gu = dequantize_nvfp4(gate_up[e], gate_up_scale[e], gate_up_scale_2[e], x.dtype).t().contiguous()
-        w_dn = dequantize_nvfp4(down[e], down_scale[e], down_scale_2[e], x.dtype).t().contiguous()
-        gu = scaled[sel] @ w_gu  # [n, 2I]
-        y = (gu[:, inter:] * F.silu(gu[:, :inter])) @ w_dn
-        out.index_add_(0, rows[sel], y.float())
-    return out.to(x.dtype)
+    from llamaserve.layers.moe import experts_loop  # moe.py imports this module
+
+    def weights_of(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dequantize_nvfp4(gate_up[e], gate_up_scale[e], gate_up_scale_2[e], x.dtype).t().contiguous(),
+                dequantize_nvfp4(down[e], down_scale[e], down_scale_2[e], x.dtype).t().contiguous())
+
+    return experts_loop(x, top_ids, top_scores, weights_of)
 
 
 class Nvfp4FusedExperts(nn.Module):
