@@ -323,16 +323,14 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
     split1 = cfg1["SPLIT_K"]
     inter = torch.empty((split1, num_pairs, two_i) if split1 > 1 else (num_pairs, two_i),
                         dtype=torch.float32 if split1 > 1 else x.dtype, device=x.device)
+    a = x  # the GEMM reads each pair's token and scales (and, for FP8, quantizes) it
     if prequant:  # A = the score-scaled pairs in FP8, written once
         a = torch.empty((num_pairs, h), dtype=gate_up.dtype, device=x.device)
         block = min(1024, triton.next_power_of_2(h))
         _quant_pairs_kernel[(num_pairs, triton.cdiv(h, block))](x, scores, s1, a, x.stride(0), a.stride(0), h,
                                                                  TOP_K=top_k, BLOCK=block)
-        _gemm(a, gate_up, inter, sorted_pairs, block_expert, scores, top_k, False, False, s1, gate_up_scale,
-              block_m, config=cfg1)
-    else:
-        _gemm(x, gate_up, inter, sorted_pairs, block_expert, scores, top_k, True, True, s1, gate_up_scale, block_m,
-              config=cfg1)
+    _gemm(a, gate_up, inter, sorted_pairs, block_expert, scores, top_k, not prequant, not prequant, s1,
+          gate_up_scale, block_m, config=cfg1)
     s2 = None
     if fp8:
         s2 = a2_scale
