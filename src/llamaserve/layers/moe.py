@@ -176,8 +176,13 @@ class FusedExperts(nn.Module):
 
             return fused_moe(x, self.gate_up_proj, self.down_proj, None, None, *self._scales(), shared=shared,
                              router_logits=logits)
-        top_val, top_ids = logits.topk(top_k, dim=-1)
-        return self(x, top_ids, torch.sigmoid(top_val.float()).to(x.dtype), shared=shared)
+        return self(x, *route_topk(logits, top_k, x.dtype), shared=shared)
+
+
+def route_topk(logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4's router: (top_ids [T, k], scores [T, k] = sigmoid of the chosen logits, in `dtype`)."""
+    top_val, top_ids = logits.topk(top_k, dim=-1)
+    return top_ids, torch.sigmoid(top_val.float()).to(dtype)
 
 
 class Llama4MoE(nn.Module):
@@ -197,8 +202,4 @@ class Llama4MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)  # [T, E]
-        if isinstance(self.experts, FusedExperts):
-            return self.experts.forward_logits(x, logits, self.top_k, shared=self.shared_expert(x))
-        top_val, top_ids = logits.topk(self.top_k, dim=-1)
-        scores = torch.sigmoid(top_val.float()).to(x.dtype)
-        return self.shared_expert(x) + self.experts(x, top_ids, scores)
+        return self.experts.forward_logits(x, logits, self.top_k, shared=self.shared_expert(x))

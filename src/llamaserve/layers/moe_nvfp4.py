@@ -116,11 +116,22 @@ class Nvfp4FusedExperts(nn.Module):
                              "(ModelOpt's fused NVFP4 expert layout [experts, in / block, out])")
         param.data.copy_(loaded.transpose(1, 2))
 
-    def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+        """sum over k of expert_{top_ids}(x * top_scores), plus `shared` when given."""
         weights = (self.gate_up_proj, self.gate_up_proj_weight_scale, self.gate_up_proj_weight_scale_2,
                    self.down_proj, self.down_proj_weight_scale, self.down_proj_weight_scale_2)
         if self.backend == "triton":
             from llamaserve.kernels.nvfp4_gemm import nvfp4_fused_moe
 
-            return nvfp4_fused_moe(x, *weights, top_ids, top_scores)
-        return nvfp4_experts_torch(x, *weights, top_ids, top_scores)
+            out = nvfp4_fused_moe(x, *weights, top_ids, top_scores)
+        else:
+            out = nvfp4_experts_torch(x, *weights, top_ids, top_scores)
+        return out if shared is None else shared + out
+
+    def forward_logits(self, x: torch.Tensor, logits: torch.Tensor, top_k: int,
+                       shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Route (layers/moe.py `route_topk`) and run the experts, as `FusedExperts.forward_logits`."""
+        from llamaserve.layers.moe import route_topk  # moe.py imports this module
+
+        return self(x, *route_topk(logits, top_k, x.dtype), shared=shared)
