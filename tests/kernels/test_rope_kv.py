@@ -15,17 +15,23 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 256}
 
 
+def _inputs(t: int, width: int, max_pos: int, num_slots: int, dtype: torch.dtype, device: torch.device):
+    """Fresh random qkv [t, width], positions below max_pos and t distinct cache slots."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    qkv = torch.randn(t, width, generator=gen).to(device, dtype)
+    positions = torch.randint(0, max_pos, (t,), generator=gen).to(device)
+    slots = torch.randperm(num_slots, generator=gen)[:t].to(device)
+    return qkv, positions, slots
+
+
 @pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64), (4, 4, 32)])
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
 def test_matches_reference(heads, kv_dtype, device):
     hq, hkv, d = heads
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
     rope = RotaryEmbedding(d, 4096, 500000.0, LLAMA3).to(device)
     t, num_slots = 11, 64
-    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
-    positions = torch.randint(0, 4096, (t,), generator=gen).to(device)
-    slots = torch.randperm(num_slots, generator=gen)[:t].to(device)
+    qkv, positions, slots = _inputs(t, (hq + 2 * hkv) * d, 4096, num_slots, dtype, device)
     cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
     k_scale, v_scale = (0.02, 0.03) if kv_dtype == "fp8" else (1.0, 1.0)
     want_cache = torch.zeros(2, num_slots, hkv, d, dtype=cache_dtype, device=device)
@@ -61,12 +67,9 @@ def test_llama4_options_match_reference(variant, device):
 
     hq, hkv, d = 8, 2, 64
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
     rope = RotaryEmbedding(d, 40000, 500000.0, LLAMA3).to(device)
     t, num_slots = 9, 32
-    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
-    positions = torch.randint(0, 40000, (t,), generator=gen).to(device)
-    slots = torch.randperm(num_slots, generator=gen)[:t].to(device)
+    qkv, positions, slots = _inputs(t, (hq + 2 * hkv) * d, 40000, num_slots, dtype, device)
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
     if variant == "rope_qk_norm":
         q, k = rope(positions, q, k)
