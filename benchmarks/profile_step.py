@@ -6,7 +6,8 @@
     # "nvfp4" = --quantization nvfp4 --kv-cache-dtype fp8
     # MODEL=llama-4-scout (a preset; default llama-3.1-8b) profiles another model, named in the file
 
-Runs `batch_size` requests of 128 prompt tokens to steady decode, then profiles 20 decode steps. GPU kernel time
+Runs `batch_size` requests of 128 prompt tokens to steady decode, times 20 decode steps without the profiler
+("step_wall_unprofiled_ms"), then profiles 20 more. GPU kernel time
 is summed by category (attention, GEMM, norm, activation, sampling, copies, other); "GPU idle" is the wall
 time of the steps minus the GPU busy time, i.e. host work the GPU waits for (launches, input preparation,
 sampling on the host, the per-step sync).
@@ -58,12 +59,17 @@ def main() -> None:
 
 def profile_batch(llm: LLM, model: str, batch: int, quant: str | None, plen: int) -> None:
     settle, steps = 10 + batch * plen // 8192, 20
-    params = SamplingParams(max_tokens=settle + steps + 4, ignore_eos=True, temperature=0)
+    params = SamplingParams(max_tokens=settle + 2 * steps + 4, ignore_eos=True, temperature=0)
     for i in range(batch):
         llm.add_request([(7 * i + j) % 100000 + 10 for j in range(plen)], params)
     for _ in range(settle):  # prefill and settle into decode
         llm.step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()  # the same number of steps without the profiler's overhead first
+    for _ in range(steps):
+        llm.step()
+    torch.cuda.synchronize()
+    unprofiled = time.perf_counter() - t0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -84,7 +90,7 @@ def profile_batch(llm: LLM, model: str, batch: int, quant: str | None, plen: int
     busy = sum(by_cat.values())
     res = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": batch,
            "backend": llm.config.kernel_backend, "quantization": quant,
-           "steps": steps, "step_wall_ms": wall * 1e3 / steps,
+           "steps": steps, "step_wall_ms": wall * 1e3 / steps, "step_wall_unprofiled_ms": unprofiled * 1e3 / steps,
            "gpu_busy_ms_per_step": busy / steps,
            "gpu_idle_ms_per_step": wall * 1e3 / steps - busy / steps,
            "kernels_per_step": launches / steps,

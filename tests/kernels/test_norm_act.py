@@ -63,6 +63,33 @@ def test_rms_norm_fp8_out(with_residual, device):
         assert (got.float() == want.float()).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("out_scale", [False, True])
+def test_rms_norm_fp8_copy(out_scale, device):
+    """A second, FP8 output (its own scale) next to the plain or FP8 one: kernel and reference module both give
+    (output, quantize_fp8(norm, copy scale)), and the residual update is unchanged."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    t, n = 6, 320
+    ref = RMSNorm(n, 1e-5, dtype).to(device)
+    ref.weight.data = torch.randn(n, dtype=dtype, device=device)
+    kern = RMSNorm(n, 1e-5, dtype, backend="triton").to(device)
+    kern.weight.data = ref.weight.data
+    x = torch.randn(t, n, dtype=dtype, device=device)
+    res = torch.randn(t, n, dtype=dtype, device=device)
+    s_out = torch.tensor(0.01, device=device) if out_scale else None
+    s_copy = torch.tensor(0.005, device=device)
+    (want, want8), want_res = ref(x, res.clone(), out_scale=s_out, fp8_copy=s_copy)
+    (got, got8), got_res = kern(x, res.clone(), out_scale=s_out, fp8_copy=s_copy)
+    plain = ref(x, res.clone(), out_scale=s_out)[0]
+    assert torch.equal(want.float(), plain.float()) and want8.dtype == got8.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(got_res, want_res)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-3 if out_scale else tol,
+                               rtol=0.125 if out_scale else tol)
+    torch.testing.assert_close(got8.float(), want8.float(), atol=1e-3, rtol=0.125)
+    exact = (ref(x, res.clone())[0].float() / s_copy).clamp(-448, 448)  # within half an e4m3 step
+    torch.testing.assert_close(got8.float(), exact, atol=2**-9, rtol=0.0625 + (0 if dtype == torch.float32 else 0.02))
+
+
 def test_silu_and_mul_fp8_out(device):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     x = 3 * torch.randn(13, 2 * 1536, dtype=dtype, device=device)

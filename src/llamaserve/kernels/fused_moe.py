@@ -19,6 +19,7 @@ over `split_k` programs that write float32 partials; the SiLU-and-mul kernel and
 The down GEMM adds the shared expert's output in its epilogue (top-1, no split), else `_reduce_kernel` sums the
 split partials and the k experts of a token and adds it. Launch parameters: `_launch` (an H200 sweep on Scout
 shapes, benchmarks/moe_bench.py). Reference: layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`.
+Top-1 steps of at most `moe_decode.DECODE_MAX_PAIRS` tokens (decode at small batch) go to kernels/moe_decode.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamaserve.kernels import moe_decode
 from llamaserve.kernels.norm_act import round_e4m3, silu_and_mul
 
 ALIGN_MAX_PAIRS = 4096  # above this the torch alignment runs (prefill-sized steps, outside CUDA graphs)
@@ -309,6 +311,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
     num_experts, _, two_i = gate_up.shape
     top_k = 1 if router_logits is not None else top_ids.shape[1]
     num_pairs = t * top_k
+    if top_k == 1 and 0 < num_pairs <= moe_decode.DECODE_MAX_PAIRS:  # decode: weight streams, no sort
+        return moe_decode.fused_moe_decode(x, gate_up, down, top_ids, top_scores, gate_up_scale, down_scale,
+                                           a1_scale, a2_scale, shared, router_logits)
     fp8 = gate_up.dtype == torch.float8_e4m3fn
     prequant = fp8 and num_pairs >= PREQUANT_MIN_PAIRS
     a_bytes = 1 if prequant else x.element_size()

@@ -38,8 +38,9 @@ def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, R, W, Y, S, Y8, S8, stride_x, stride_r, stride_y, stride_y8, N, eps,
+                     HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -53,6 +54,8 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, N, eps,
     w = tl.load(W + cols, mask=mask, other=0.0)
     y = w * h.to(x.dtype)
     _store_out(Y, row * stride_y + cols, y, mask, S, HAS_SCALE)
+    if HAS_COPY:  # a second, FP8 copy of the output (scale S8) for another consumer
+        _store_out(Y8, row * stride_y8 + cols, y, mask, S8, True)
 
 
 def _out(x: torch.Tensor, shape: tuple[int, ...], out_scale: torch.Tensor | None) -> torch.Tensor:
@@ -61,18 +64,21 @@ def _out(x: torch.Tensor, shape: tuple[int, ...], out_scale: torch.Tensor | None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, N]. With `residual` ([T, N], updated in place to x + residual), normalizes x + residual."""
+             out_scale: torch.Tensor | None = None, fp8_copy: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, N]. With `residual` ([T, N], updated in place to x + residual), normalizes x + residual. With
+    `fp8_copy` (a scale), also returns the output quantized to FP8 with it: (y, y_fp8)."""
     t, n = x.shape
     y = _out(x, (t, n), out_scale)
-    if t == 0:
-        return y
-    r = residual if residual is not None else x
-    s = out_scale if out_scale is not None else weight
-    _rms_norm_kernel[(t,)](x, r, weight, y, s, x.stride(0), r.stride(0), y.stride(0), n, eps,
-                           HAS_RESIDUAL=residual is not None, HAS_SCALE=out_scale is not None,
-                           BLOCK=triton.next_power_of_2(n))
-    return y
+    y8 = _out(x, (t, n), fp8_copy) if fp8_copy is not None else y
+    if t:
+        r = residual if residual is not None else x
+        s = out_scale if out_scale is not None else weight
+        _rms_norm_kernel[(t,)](x, r, weight, y, s, y8, fp8_copy if fp8_copy is not None else weight, x.stride(0),
+                               r.stride(0), y.stride(0), y8.stride(0), n, eps, HAS_RESIDUAL=residual is not None,
+                               HAS_SCALE=out_scale is not None, HAS_COPY=fp8_copy is not None,
+                               BLOCK=triton.next_power_of_2(n))
+    return (y, y8) if fp8_copy is not None else y
 
 
 @triton.jit

@@ -200,6 +200,8 @@ class Llama4MoE(nn.Module):
         self.shared_expert = mlp_cls(cfg, dtype, backend, quant, f"{prefix}.shared_expert",
                                      intermediate_size=cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it)."""
         logits = self.router(x)  # [T, E]
-        return self.experts.forward_logits(x, logits, self.top_k, shared=self.shared_expert(x))
+        shared = self.shared_expert(shared_input if shared_input is not None else x)
+        return self.experts.forward_logits(x, logits, self.top_k, shared=shared)

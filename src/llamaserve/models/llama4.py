@@ -118,7 +118,7 @@ class Llama4DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         # the norms write FP8 directly when the next projection takes a static-scaled FP8 input (the MoE's router
-        # and experts take the bf16 output)
+        # and experts take the bf16 output, its shared expert a second, FP8 copy)
         qkv_scale = self.self_attn.qkv_proj.static_input_scale
         if residual is None:
             residual = x
@@ -127,9 +127,15 @@ class Llama4DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale)
         x = self.self_attn(positions, x, batch)
         ff = self.feed_forward
-        mlp_scale = None if isinstance(ff, Llama4MoE) else ff.gate_up_proj.static_input_scale
-        x, residual = self.post_attention_layernorm(x, residual, out_scale=mlp_scale)
-        return self.feed_forward(x), residual
+        if isinstance(ff, Llama4MoE):  # router and experts take bf16; the shared expert an FP8 copy, if static
+            shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
+            if shared_scale is not None:
+                (x, x8), residual = self.post_attention_layernorm(x, residual, fp8_copy=shared_scale)
+                return ff(x, shared_input=x8), residual
+            x, residual = self.post_attention_layernorm(x, residual)
+            return ff(x), residual
+        x, residual = self.post_attention_layernorm(x, residual, out_scale=ff.gate_up_proj.static_input_scale)
+        return ff(x), residual
 
 
 class Llama4ForCausalLM(nn.Module):

@@ -1,0 +1,180 @@
+"""Fused MoE for decode-sized steps (top-1 routing, at most `DECODE_MAX_PAIRS` tokens): weight streams, no sort.
+
+With a handful of tokens the grouped GEMM of kernels/fused_moe.py is mostly overhead: a one-program alignment
+kernel, a grid sized for the worst-case block count (at one token 16 of its 17 row blocks exit at once), split-K
+float32 partials and two more kernels to sum them; at one token on the H200 its down GEMM streamed 0.8 TB/s.
+Here every token's expert is known from its own row, so three kernels do the whole step:
+
+1. `_route_scale_kernel` (one program per token and 1,024 columns): the top-1 expert and its sigmoid score from
+   the router logits (or the given ids / scores), and A = x * score rounded to x's dtype, quantized to FP8 with the
+   per-tensor input scale for FP8 experts.
+2. `_decode_gemm_kernel` with GLU: program (p, n) streams expert e = ids[p]'s gate and up columns
+   [n * BLOCK_N, (n + 1) * BLOCK_N) over all of K (K-contiguous rows: each program reads two contiguous bands
+   of W) for every token routed to e (a 16-row tile, rows of other experts masked; when tokens share an expert,
+   only the program of the first such token runs, so each expert's weights are read once), and writes
+   silu(gate) * up, rounded as the reference rounds it, in FP8 (static scale) or the model dtype.
+3. The same kernel without GLU for the down projection, adding the shared expert's output in its epilogue.
+
+Launch parameters: `decode_config` (H200 sweep, benchmarks/moe_bench.py DECODE_SWEEP=1). Reference:
+layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as kernels/fused_moe.py's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llamaserve.kernels.norm_act import round_e4m3
+
+DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
+SMEM_BYTES = 200 * 1024
+
+
+@triton.jit
+def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride_a, H, E: tl.constexpr,
+                        FROM_LOGITS: tl.constexpr, QUANT: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    chunk = tl.program_id(1)
+    if FROM_LOGITS:  # the first largest logit; score = sigmoid(logit) rounded to the logits' dtype
+        ee = tl.arange(0, BLOCK_E)
+        lg = tl.load(Logits + t * stride_l + ee, mask=ee < E, other=float("-inf")).to(tl.float32)
+        best = tl.max(lg, axis=0)
+        idx = tl.min(tl.where(lg == best, ee, BLOCK_E), axis=0)
+        score = tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
+        if chunk == 0:
+            tl.store(Ids + t, idx.to(Ids.dtype.element_ty))
+            tl.store(Scores + t, score)
+    else:
+        score = tl.load(Scores + t).to(tl.float32)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + t.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    a = (x.to(tl.float32) * score).to(X.dtype.element_ty)  # as the reference's x * score in x's dtype
+    if QUANT:
+        a = round_e4m3(a.to(tl.float32) / tl.load(S))
+    tl.store(A + t.to(tl.int64) * stride_a + cols, a.to(A.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pairs, N, K, up_off,
+                        stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
+                        FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
+                        EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    p = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    ids = tl.load(Ids + rows, mask=rows < num_pairs, other=-1)
+    e = tl.load(Ids + p)
+    if tl.sum(((ids == e) & (rows < p)).to(tl.int32), axis=0) > 0:
+        return  # an earlier token has this expert: its program computes every row of the expert
+    row_ok = ids == e
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + kk[None, :]
+    w_ptrs = W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:
+            a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk)
+        else:
+            k_ok = (k0 + kk) < K
+            a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision=PREC)
+        if GLU:  # the up columns sit `up_off` elements after the gate columns
+            if EVEN:
+                wu = tl.load(w_ptrs + up_off + k0 * stride_wk)
+            else:
+                wu = tl.load(w_ptrs + up_off + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_u += tl.dot(a, wu, input_precision=PREC)
+    if FP8:
+        scale = tl.load(AScale) * tl.load(WScale + e)
+        acc = acc * scale
+        acc_u = acc_u * scale
+    mask = row_ok[:, None] & col_ok[None, :]
+    dt = Ref.dtype.element_ty  # the model dtype, where the reference rounds
+    if GLU:  # silu(gate) * up with the reference's roundings: GEMM output, silu, product
+        g = acc.to(dt).to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g))).to(dt) * acc_u.to(dt)
+        if QUANT_OUT:
+            y = round_e4m3(y.to(tl.float32) / tl.load(OScale))
+    else:
+        y = acc.to(dt)
+        if ADD:  # the shared expert's output, added as the reference's `shared + routed` in the model dtype
+            add = tl.load(Add + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0)
+            y = (y.to(tl.float32) + add.to(tl.float32)).to(dt)
+    tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
+
+
+def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict:
+    """Launch parameters: 16 output columns per program (per half with GLU), 256-wide K steps, 2 warps, as many
+    pipeline stages (up to 6) as fit `SMEM_BYTES`; narrower K steps for small or wide-element problems."""
+    block_n = 16
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    stages = 6
+    per_k = 16 * a_bytes + (2 if glu else 1) * block_n * w_bytes
+    while stages * block_k * per_k > SMEM_BYTES:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 2, "num_stages": stages}
+
+
+def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, n: int, glu: bool,
+          a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
+          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
+    """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n)."""
+    num_pairs, k = a.shape
+    cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
+    fp8 = w.dtype == torch.float8_e4m3fn
+    even = k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0
+    grid = (num_pairs, triton.cdiv(n, cfg["BLOCK_N"]))
+    dummy = ids
+    _decode_gemm_kernel[grid](
+        a, w, out, ids, a_scale if fp8 else dummy, w_scale if fp8 else dummy, add if add is not None else dummy,
+        out_scale if out_scale is not None else dummy, ref, num_pairs, n, k, n * w.stride(2), a.stride(0),
+        w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
+        FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, EVEN=even,
+        PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, **cfg)
+
+
+def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor | None,
+                     top_scores: torch.Tensor | None, gate_up_scale: torch.Tensor | None,
+                     down_scale: torch.Tensor | None, a1_scale: torch.Tensor | None, a2_scale: torch.Tensor | None,
+                     shared: torch.Tensor | None, router_logits: torch.Tensor | None) -> torch.Tensor:
+    """kernels/fused_moe.py's `fused_moe` for top-1 routing and 1..DECODE_MAX_PAIRS tokens (same arguments)."""
+    from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
+
+    t, h = x.shape
+    num_experts, _, two_i = gate_up.shape
+    inter = two_i // 2
+    assert 0 < t <= DECODE_MAX_PAIRS and (top_ids is None or top_ids.shape[1] == 1)
+    fp8 = gate_up.dtype == torch.float8_e4m3fn
+    s1 = (a1_scale if a1_scale is not None else dynamic_scale(x)) if fp8 else None
+    from_logits = router_logits is not None
+    if from_logits:
+        ids = torch.empty(t, dtype=torch.int64, device=x.device)
+        scores = torch.empty(t, dtype=torch.float32, device=x.device)
+    else:
+        ids, scores = top_ids.reshape(-1).contiguous(), top_scores.reshape(-1).contiguous()
+    a = torch.empty((t, h), dtype=gate_up.dtype if fp8 else x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(h))
+    _route_scale_kernel[(t, triton.cdiv(h, block))](
+        x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
+        router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
+        QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
+    s2 = a2_scale if fp8 else None
+    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
+    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
+    if fp8 and s2 is None:  # dynamic: the activation's amax first
+        s2 = dynamic_scale(act)
+        act = quantize_fp8(act, s2)
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    _gemm(act, down, out, ids, h, False, s2, down_scale, x, add=shared)
+    return out

@@ -1,0 +1,99 @@
+"""Decode-sized fused MoE (kernels/moe_decode.py): against the torch references and the grouped-GEMM path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaserve.kernels import fused_moe as fm
+from llamaserve.kernels import moe_decode
+from llamaserve.layers.moe import fused_experts_fp8_torch, fused_experts_torch
+from llamaserve.layers.quantization import quantize_fp8
+
+
+def _inputs(t, h, inter, e, device, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=gen).to(device, dtype)
+    gate_up = (torch.randn(e, h, 2 * inter, generator=gen) * h**-0.5).to(device, dtype)
+    down = (torch.randn(e, inter, h, generator=gen) * inter**-0.5).to(device, dtype)
+    logits = torch.randn(t, e, generator=gen).to(device, dtype)
+    shared = torch.randn(t, h, generator=gen).to(device, dtype)
+    return x, gate_up, down, logits, shared
+
+
+def _route(logits, dtype):
+    top_val, ids = logits.topk(1, dim=-1)
+    return ids, torch.sigmoid(top_val.float()).to(dtype)
+
+
+def _nk(w):
+    """The [E, N, K] (K-contiguous) memory layout the model stores expert weights in."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("t,h,inter,e", [(1, 256, 128, 4), (5, 96, 80, 3), (16, 128, 64, 4)])
+def test_float_matches_reference(t, h, inter, e, device):
+    """bf16/fp32 experts, tokens sharing experts (3-4 experts for up to 16 tokens), even and ragged shapes: the
+    kernel gives the reference's result, with the shared expert added and routed from logits or from ids."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    x, gate_up, down, logits, shared = _inputs(t, h, inter, e, device, t * 7 + h, dtype)
+    ids, scores = _route(logits, dtype)
+    if t > 4:
+        assert ids.unique().numel() < t  # some tokens share an expert: only one program streams it
+    want = shared.float() + fused_experts_torch(x, gate_up, down, ids, scores).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for gu, dn in ((gate_up, down), (_nk(gate_up), _nk(down))):
+        got = moe_decode.fused_moe_decode(x, gu, dn, ids, scores, None, None, None, None, shared, None).float()
+        torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+        got = fm.fused_moe(x, gu, dn, None, None, shared=shared, router_logits=logits).float()  # dispatches here
+        torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+def test_route_from_logits_writes_the_reference_routing(device):
+    """Ties go to the first expert, scores are sigmoid(logit) rounded to the logits' dtype."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    x, gate_up, down, logits, _ = _inputs(6, 64, 32, 5, device, 3, dtype)
+    logits[2, 1] = logits[2, 3] = logits[2].max() + 1  # a tie between experts 1 and 3
+    ids, scores = _route(logits, dtype)
+    assert ids[2, 0].item() == 1
+    want = fused_experts_torch(x, gate_up, down, ids, scores).float()
+    got = moe_decode.fused_moe_decode(x, gate_up, down, None, None, None, None, None, None, None, logits).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("t", [1, 9])
+def test_fp8_matches_fp8_reference_and_grouped_path(static, t, device, monkeypatch):
+    """FP8 experts in the model's layout, static or dynamic activation scales: the decode kernels against the
+    step-for-step FP8 reference and against the grouped-GEMM path of the same step."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    e, h, inter = 4, 256, 128
+    x, gate_up, down, logits, shared = _inputs(t, h, inter, e, device, 31 + t, dtype)
+    gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
+    gu8, dn8 = _nk(quantize_fp8(gate_up, gs)), _nk(quantize_fp8(down, ds))
+    a1 = x.float().abs().amax() / 448 if static else None
+    a2 = torch.tensor(4.0 / 448, device=device) if static else None
+    args = (gs.expand(e).contiguous(), ds.expand(e).contiguous(), a1, a2)
+    ids, scores = _route(logits, dtype)
+    want = shared.float() + fused_experts_fp8_torch(x, gu8, dn8, ids, scores, *args).float()
+    got = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared).float()
+    with monkeypatch.context() as m:
+        m.setattr(moe_decode, "DECODE_MAX_PAIRS", 0)  # the grouped GEMMs
+        grouped = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared).float()
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert (got - want).norm() / want.norm() < tol
+    assert (got - grouped).norm() / grouped.norm() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_only_top1_decode_steps_take_this_path(device, monkeypatch):
+    """Top-2 routing and steps above DECODE_MAX_PAIRS tokens stay on the grouped path."""
+    calls = []
+    monkeypatch.setattr(moe_decode, "fused_moe_decode", lambda *a: calls.append(a) or a[0])
+    x, gate_up, down, logits, _ = _inputs(17, 32, 16, 3, device, 5, torch.float32)
+    top_val, ids2 = logits.topk(2, dim=-1)
+    fm.fused_moe(x[:4], gate_up, down, ids2[:4], torch.sigmoid(top_val[:4]))
+    fm.fused_moe(x, gate_up, down, None, None, router_logits=logits)
+    assert not calls
+    fm.fused_moe(x[:16], gate_up, down, None, None, router_logits=logits[:16])
+    assert len(calls) == 1
