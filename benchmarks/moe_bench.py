@@ -5,8 +5,6 @@ launch-parameter sweep of the grouped GEMM and the whole MoE step against the we
     QUICK=1 ...                                                # fewer configurations
     SWEEP=0 ...                        # no launch sweep: only the whole MoE step per M against its floor
     SPLIT_SWEEP=1 ...                  # also sweep split-K x tiles for the decode GEMMs (M = 1), [E, N, K] layout
-    DECODE=1 ...                       # only the decode kernels (kernels/moe_decode.py): launch sweep at M = 1
-                                       # and the whole step at M = 1..16 against the grouped path, in CUDA graphs
 
 For each number of tokens M, every expert that gets a token streams its weights once, so the floor of a GEMM is
 (experts hit x per-expert weight bytes) / HBM bandwidth. Both weight layouts are swept: the checkpoints'
@@ -25,7 +23,6 @@ import torch
 import triton
 
 from llamaserve.kernels import fused_moe as fm
-from llamaserve.kernels import moe_decode as md
 
 E, H, INTER = 16, 5120, 8192
 
@@ -65,9 +62,7 @@ def main() -> None:
     bks = [64, 128, 256]
     launch = [(4, 4), (8, 4)] if not quick else [(4, 4)]
     sweep = os.environ.get("SWEEP", "1") == "1"
-    if os.environ.get("DECODE") == "1":
-        res.update(decode_bench(*layouts["NK"], one, s, res["hbm_copy_TBps"]))
-    for m in [] if os.environ.get("DECODE") == "1" else [1, 8, 32, 64, 128, 256, 512]:
+    for m in [1, 8, 32, 64, 128, 256, 512]:
         ids = torch.randint(0, E, (m, 1), device=dev)
         hit = int(ids.unique().numel())
         layouts_swept = layouts if sweep else {}
@@ -121,61 +116,6 @@ def main() -> None:
     with open(os.path.join(os.environ.get("OUT", "."), "moe_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "sweep"}, indent=1))
-
-
-def graph_us(fn) -> float:
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return round(per_launch(g.replay) * 1e6, 1)
-
-
-def decode_bench(gu, dn, one, s, hbm) -> dict:
-    """kernels/moe_decode.py: its GEMMs' launch sweep at one token (one expert's gate-up / down against the
-    weight-streaming floor), then the whole MoE step (routing from logits, shared-expert add) at 1..16 tokens,
-    decode kernels against the grouped path, in CUDA graphs."""
-    res: dict = {"decode_sweep_m1": {}, "decode_step_us": {}}
-    ids = torch.zeros(1, dtype=torch.int64, device="cuda")
-    x = torch.randn(1, H, device="cuda").to(torch.float8_e4m3fn)
-    act = torch.randn(1, INTER, device="cuda").to(torch.float8_e4m3fn)
-    ref = torch.empty(1, dtype=torch.bfloat16, device="cuda")
-    for gemm, (a, w, n, glu) in {"gate_up": (x, gu, INTER, True), "down": (act, dn, H, False)}.items():
-        out = torch.empty(1, n, dtype=torch.float8_e4m3fn if glu else torch.bfloat16, device="cuda")
-        rows = []
-        for bn, bk, nw, ns in itertools.product((16, 32), (128, 256, 512), (2, 4), (3, 4, 6)):
-            if ns * bk * (16 + (2 if glu else 1) * bn) > md.SMEM_BYTES:
-                continue
-            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
-            try:
-                t = per_launch(partial(md._gemm, a, w, out, ids, n, glu, s, one, ref,
-                                       out_scale=s if glu else None, config=cfg))
-            except Exception as exc:  # out of resources
-                rows.append({**cfg, "error": type(exc).__name__})
-                continue
-            rows.append({**cfg, "us": round(t * 1e6, 2), "TBps": round(w.shape[1] * w.shape[2] / t / 1e12, 3)})
-        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-        default = md.decode_config(n, a.shape[1], glu, 1, 1)
-        same = [r for r in ok if all(r[c] == default[c] for c in default)]
-        res["decode_sweep_m1"][gemm] = {"best": ok[:6], "default": same[0] if same else None,
-                                        "floor_us": round(w.shape[1] * w.shape[2] / hbm / 1e6, 1)}
-        print("decode sweep", gemm, res["decode_sweep_m1"][gemm], flush=True)
-    for m in (1, 2, 4, 8, 16):
-        xb = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(m, E, device="cuda", dtype=torch.bfloat16)
-        shared = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
-        hit = int(logits.argmax(-1).unique().numel())
-        step = partial(fm.fused_moe, xb, gu, dn, None, None, one, one, s, s, shared=shared, router_logits=logits)
-        row = {"experts_hit": hit, "floor_us": round(hit * 3 * H * INTER / hbm / 1e6, 1), "decode": graph_us(step)}
-        saved = md.DECODE_MAX_PAIRS
-        md.DECODE_MAX_PAIRS = 0
-        try:
-            row["grouped"] = graph_us(step)
-        finally:
-            md.DECODE_MAX_PAIRS = saved
-        res["decode_step_us"][m] = row
-        print("decode step", m, row, flush=True)
-    return res
 
 
 def split_sweep(gu, dn, one, s) -> dict:

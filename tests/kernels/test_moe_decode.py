@@ -97,3 +97,17 @@ def test_only_top1_decode_steps_take_this_path(device, monkeypatch):
     assert not calls
     fm.fused_moe(x[:16], gate_up, down, None, None, router_logits=logits[:16])
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("t,h,e", [(1, 5120, 16), (7, 300, 5)])
+def test_router_logits(t, h, e, device):
+    """The router kernel against x @ W^T: float32 exactly up to summation order, bf16 within one rounding."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(t + e)
+    x = torch.randn(t, h, generator=gen).to(device, dtype)
+    w = (torch.randn(e, h, generator=gen) * h**-0.5).to(device, dtype)
+    got = moe_decode.router_logits(x, w)
+    want = (x.float() @ w.float().t())
+    assert got.dtype == dtype and got.shape == (t, e)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

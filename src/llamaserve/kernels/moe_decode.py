@@ -15,6 +15,7 @@ Here every token's expert is known from its own row, so three kernels do the who
    silu(gate) * up, rounded as the reference rounds it, in FP8 (static scale) or the model dtype.
 3. The same kernel without GLU for the down projection, adding the shared expert's output in its epilogue.
 
+`router_logits` computes the router's logits for such steps in one kernel (layers/moe.py uses it).
 Launch parameters: `decode_config` (H200 sweep, benchmarks/moe_bench.py DECODE_SWEEP=1). Reference:
 layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as kernels/fused_moe.py's.
 """
@@ -109,6 +110,32 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
             add = tl.load(Add + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0)
             y = (y.to(tl.float32) + add.to(tl.float32)).to(dt)
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _router_kernel(X, W, Y, stride_x, stride_w, stride_y, H, BLOCK: tl.constexpr):
+    """Y[t, e] = x[t] . W[e] (float32 sum, rounded to Y's dtype): one program per (token, expert)."""
+    t = tl.program_id(0)
+    e = tl.program_id(1)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, H, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
+        w = tl.load(W + e * stride_w + cols, mask=mask, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+    tl.store(Y + t * stride_y + e, tl.sum(acc, axis=0).to(Y.dtype.element_ty))
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] @ weight[E, H]^T in x's dtype, for decode-sized T: one small kernel (cuBLAS takes two at one
+    token, a split-K GEMM and its reduction)."""
+    t, h = x.shape
+    y = torch.empty((t, weight.shape[0]), dtype=x.dtype, device=x.device)
+    if t:
+        _router_kernel[(t, weight.shape[0])](x, weight, y, x.stride(0), weight.stride(0), y.stride(0), h,
+                                             BLOCK=min(2048, triton.next_power_of_2(h)))
+    return y
 
 
 def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict:

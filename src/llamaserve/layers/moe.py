@@ -202,6 +202,13 @@ class Llama4MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it)."""
-        logits = self.router(x)  # [T, E]
+        logits = None
+        if self.experts.backend == "triton" and self.top_k == 1:
+            from llamaserve.kernels import moe_decode
+
+            if x.shape[0] <= moe_decode.DECODE_MAX_PAIRS:  # decode: one small kernel instead of cuBLAS's two
+                logits = moe_decode.router_logits(x, self.router.weight)
+        if logits is None:
+            logits = self.router(x)  # [T, E]
         shared = self.shared_expert(shared_input if shared_input is not None else x)
         return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
