@@ -3,13 +3,14 @@
 # (decode_bench.py: launch sweeps in CUDA graphs against cuBLAS and the copy ceiling), then Scout's decode step at
 # BATCHES, timed and profiled (profile_step.py), and the batch-1 `bench latency`. Results in $OUT.
 #   bash benchmarks/gpu_scout_decode_run.sh [BATCHES]   # "1,16" by default; KERNELS=0 skips decode_bench,
-#                                                       # PROFILE=0 the profile, LATENCY=0 bench latency
+#                                                       # PROFILE=0 the profile, LATENCY=0 bench latency,
+#                                                       # STREAM_AB=1 adds bench latency with one stream
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:-}:src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moe_decode.py tests/kernels/test_fused_moe.py \
-    tests/kernels/test_norm_act.py tests/kernels/test_paged_attention.py > "$OUT/gpu_tests.log" 2>&1
+    tests/kernels/test_norm_act.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log"
 if [ "${KERNELS:-1}" = 1 ]; then
   timeout 300 python3 benchmarks/decode_bench.py > "$OUT/decode_bench.log" 2>&1
@@ -20,9 +21,12 @@ if [ "${PROFILE:-1}" = 1 ]; then
   grep -E "Error|error|step_wall|busy_ms|idle_ms|kernels_per|\"(moe|gemm|attention|other|norm|copies|activation)\"" \
       "$OUT/profile.log" | head -40
 fi
-if [ "${LATENCY:-1}" = 1 ]; then
+latency() {  # $1: a tag; the environment picks the variant
   timeout 200 python3 -m llamaserve bench latency --model llama-4-scout --load-format dummy --quantization fp8 \
       --kv-cache-dtype fp8 --max-seq-len 2304 --input-len 128 --output-len 128 --batch-size 1 --num-iters 3 \
-      --output-json "$OUT/scout_latency_b1_fp8.json" > "$OUT/latency.log" 2>&1
-  grep -E "median|Error|error" "$OUT/latency.log" | head -6
-fi
+      --output-json "$OUT/scout_latency_b1_fp8$1.json" > "$OUT/latency$1.log" 2>&1
+  echo "bench latency$1:"; grep -E "median|Error|error" "$OUT/latency$1.log" | head -6
+}
+if [ "${LATENCY:-1}" = 1 ]; then latency ""; fi
+# A/B: the shared expert on the main stream
+if [ "${STREAM_AB:-0}" = 1 ]; then LLAMASERVE_SHARED_EXPERT_STREAM=0 latency _one_stream; fi

@@ -111,3 +111,63 @@ def test_router_logits(t, h, e, device):
     assert got.dtype == dtype and got.shape == (t, e)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_decode_config_fits_shared_memory():
+    """Every decode launch keeps its pipeline stages within SMEM_BYTES (FP8, bf16 and float32 operands)."""
+    for n, k, glu in ((8192, 5120, True), (5120, 8192, False), (48, 64, True), (64, 4096, False)):
+        for nbytes in (1, 2, 4):
+            c = moe_decode.decode_config(n, k, glu, nbytes, nbytes)
+            need = c["num_stages"] * c["BLOCK_K"] * (16 + (2 if glu else 1) * c["BLOCK_N"]) * nbytes
+            assert need <= moe_decode.SMEM_BYTES and 16 <= c["BLOCK_K"] <= max(16, k), (n, k, nbytes, c)
+
+
+@pytest.mark.parametrize("t", [3, 40])
+def test_shared_output_as_a_callable(t, device):
+    """The shared expert's output may come as a callable (layers/moe.py's stream join): both paths call it and
+    give the same result as with the tensor itself."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    x, gate_up, down, logits, shared = _inputs(t, 64, 32, 4, device, 9 + t, dtype)
+    calls = []
+    want = fm.fused_moe(x, gate_up, down, None, None, shared=shared, router_logits=logits)
+    got = fm.fused_moe(x, gate_up, down, None, None, shared=lambda: calls.append(1) or shared,
+                       router_logits=logits)
+    assert calls == [1] and torch.equal(got, want)
+
+
+def _moe_module(device, dtype):
+    from transformers import Llama4TextConfig
+
+    from llamaserve.layers.moe import Llama4MoE
+    from llamaserve.models.llama import LlamaMLP
+
+    cfg = Llama4TextConfig(hidden_size=256, intermediate_size=128, num_local_experts=4, num_experts_per_tok=1)
+    moe = Llama4MoE(cfg, dtype, "triton", None, "model.layers.0.feed_forward", LlamaMLP).to(device)
+    gen = torch.Generator().manual_seed(0)
+    for p in moe.parameters():
+        p.data.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(dtype))
+    return moe
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the second stream exists on CUDA only; the callable "
+                    "join it uses is tested on every device above")
+def test_shared_expert_stream_matches_one_stream(monkeypatch):
+    """Llama4MoE at decode size with the shared expert on its own stream (eagerly and inside a CUDA graph) gives
+    exactly the single-stream result."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    moe = _moe_module(device, dtype)
+    x = torch.randn(4, 256, device=device, dtype=dtype)
+    monkeypatch.setenv("LLAMASERVE_SHARED_EXPERT_STREAM", "0")
+    want = moe(x)
+    monkeypatch.setenv("LLAMASERVE_SHARED_EXPERT_STREAM", "1")
+    assert torch.equal(moe(x), want)
+    static_x = x.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe(static_x)
+    for _ in range(3):
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

@@ -11,6 +11,7 @@ CUDA-graph safe).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -150,8 +151,9 @@ class FusedExperts(nn.Module):
                 self.down_proj_weight_scale.expand(e).contiguous(), a1, a2)
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
-                shared: torch.Tensor | None = None) -> torch.Tensor:
-        """sum over k of expert_{top_ids}(x * top_scores), plus `shared` when given."""
+                shared: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """sum over k of expert_{top_ids}(x * top_scores), plus `shared` when given (a tensor, or a callable that
+        returns it: kernels/fused_moe.py calls it only when it needs the tensor)."""
         scales = self._scales()
         if self._calib is not None:  # record the amax of the score-scaled tokens and of the activation
             rows = x.repeat_interleave(top_ids.shape[1], dim=0) * top_scores.reshape(-1, 1).to(x.dtype)
@@ -165,10 +167,11 @@ class FusedExperts(nn.Module):
         else:
             reference = fused_experts_fp8_torch if self.fp8 else fused_experts_torch
             out = reference(x, self.gate_up_proj, self.down_proj, top_ids, top_scores, *scales)
+        shared = shared() if callable(shared) else shared
         return out if shared is None else shared + out
 
     def forward_logits(self, x: torch.Tensor, logits: torch.Tensor, top_k: int,
-                       shared: torch.Tensor | None = None) -> torch.Tensor:
+                       shared: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """Route (top-k on the router logits, sigmoid of the chosen logit) and run the experts. The Triton backend
         does top-1 routing inside the alignment kernel; otherwise through `forward` (so hooks see ids and scores)."""
         if self.backend == "triton" and top_k == 1 and self._calib is None:
@@ -201,14 +204,46 @@ class Llama4MoE(nn.Module):
                                      intermediate_size=cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it)."""
-        logits = None
+        """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it).
+
+        Decode-sized steps on the GPU (Triton backend, top-1, at most DECODE_MAX_PAIRS tokens) run the shared
+        expert on a second stream, concurrently with the router and the routed gate-up GEMM, and join before the
+        routed down GEMM, which adds its output (SGLang does the same for DeepSeek's shared experts): at one
+        token each kernel is a short weight stream, and the two chains fill each other's launch gaps and tails.
+        LLAMASERVE_SHARED_EXPERT_STREAM=0 turns it off."""
+        sx = shared_input if shared_input is not None else x
+        decode = False
         if self.experts.backend == "triton" and self.top_k == 1:
             from llamaserve.kernels import moe_decode
 
-            if x.shape[0] <= moe_decode.DECODE_MAX_PAIRS:  # decode: one small kernel instead of cuBLAS's two
-                logits = moe_decode.router_logits(x, self.router.weight)
-        if logits is None:
-            logits = self.router(x)  # [T, E]
-        shared = self.shared_expert(shared_input if shared_input is not None else x)
+            decode = x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
+        side = _side_stream(x.device) if decode and isinstance(self.experts, FusedExperts) else None
+        shared: torch.Tensor | Callable[[], torch.Tensor]
+        if side is not None:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                shared_out = self.shared_expert(sx)
+
+            def shared() -> torch.Tensor:  # the join, called by the experts right before they need it
+                main.wait_stream(side)
+                return shared_out
+        else:
+            shared = self.shared_expert(sx)
+        # decode: the router's logits in one small kernel (cuBLAS takes two at one token)
+        logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
         return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The second stream of `device` for the shared expert (one per device, made on first use), or None off CUDA
+    or when LLAMASERVE_SHARED_EXPERT_STREAM=0."""
+    if device.type != "cuda" or os.environ.get("LLAMASERVE_SHARED_EXPERT_STREAM", "1") == "0":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
