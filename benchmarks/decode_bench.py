@@ -178,8 +178,8 @@ def small(res: dict) -> None:
     s = torch.ones((), device="cuda")
     row = {}
     for nw in (4, 8, 16):
-        row[nw] = graph_us([partial(_rms_norm_kernel[(1,)], x, r, w, y, s, y, s, H, H, H, H, H, 1e-5,
-                                    HAS_RESIDUAL=True, HAS_SCALE=True, HAS_COPY=False,
+        row[nw] = graph_us([partial(_rms_norm_kernel[(1,)], x, x, r, w, y, s, y, s, H, H, H, H, H, H, 1e-5,
+                                    HAS_X2=False, HAS_RESIDUAL=True, HAS_SCALE=True, HAS_COPY=False,
                                     BLOCK=triton.next_power_of_2(H), num_warps=nw)] * 8)
     res["rms_norm_1x5120_us_by_warps"] = row
     wr = torch.randn(E, H, dtype=torch.bfloat16, device="cuda")

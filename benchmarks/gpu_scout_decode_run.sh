@@ -12,6 +12,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moe_decode.py tests/kernels/test_fused_moe.py \
     tests/kernels/test_norm_act.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log"
+# a small random Llama 4 in float32 with the Triton kernels (shared-expert stream included) against transformers
+timeout 200 python3 benchmarks/gpu_llama4_check.py > "$OUT/llama4_check.log" 2>&1; tail -4 "$OUT/llama4_check.log"
 if [ "${KERNELS:-1}" = 1 ]; then
   timeout 300 python3 benchmarks/decode_bench.py > "$OUT/decode_bench.log" 2>&1
   cut -c1-700 "$OUT/decode_bench.log" | grep -v Warning

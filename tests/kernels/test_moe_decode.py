@@ -159,15 +159,34 @@ def test_shared_expert_stream_matches_one_stream(monkeypatch):
     x = torch.randn(4, 256, device=device, dtype=dtype)
     monkeypatch.setenv("LLAMASERVE_SHARED_EXPERT_STREAM", "0")
     want = moe(x)
+    assert isinstance(moe(x, defer_shared=True), torch.Tensor)  # one stream: nothing to defer
     monkeypatch.setenv("LLAMASERVE_SHARED_EXPERT_STREAM", "1")
     assert torch.equal(moe(x), want)
+    assert torch.equal(moe(x, defer_shared=True).resolve(), want)
     static_x = x.clone()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = moe(static_x)
+        deferred = moe(static_x, defer_shared=True)
+        summed = deferred.resolve()
     for _ in range(3):
         static_x.copy_(x)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, want)
+        assert torch.equal(out, want) and torch.equal(summed, want)
+
+
+def test_expert_weight_scales_are_cached_until_a_loader_writes_one():
+    """FusedExperts hands the kernels [E] scale vectors made once; loading a scale (ModelOpt's scalar or a
+    per-expert vector, collapsed to its largest entry) makes them again."""
+    from llamaserve.layers.moe import FusedExperts
+    from llamaserve.layers.quantization import QuantConfig
+
+    experts = FusedExperts(3, 32, 16, torch.float32, quant=QuantConfig("fp8"))
+    gs, ds, _, _ = experts._scales()
+    assert gs.shape == ds.shape == (3,) and torch.equal(gs, torch.ones(3))
+    assert experts._scales()[0] is gs  # no new tensor (no copy kernel) per forward
+    param = experts.gate_up_proj_weight_scale
+    param.weight_loader(param, torch.tensor([0.5, 2.0, 1.5]))
+    assert torch.equal(experts._scales()[0], torch.full((3,), 2.0))

@@ -90,6 +90,28 @@ def test_rms_norm_fp8_copy(out_scale, device):
     torch.testing.assert_close(got8.float(), exact, atol=2**-9, rtol=0.0625 + (0 if dtype == torch.float32 else 0.02))
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_adds_a_second_input(with_residual, device):
+    """`add`: norm((x + add) + residual) with x + add rounded to x's dtype first, as the MoE's `shared + routed`
+    followed by the layer's residual add; kernel against the reference module, residual update included."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    t, n = 5, 448
+    ref = RMSNorm(n, 1e-5, dtype).to(device)
+    ref.weight.data = torch.randn(n, dtype=dtype, device=device)
+    kern = RMSNorm(n, 1e-5, dtype, backend="triton").to(device)
+    kern.weight.data = ref.weight.data
+    x, add, res = (torch.randn(t, n, dtype=dtype, device=device) for _ in range(3))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    if with_residual:
+        want, want_res = ref(x + add, res.clone())
+        got, got_res = kern(x, res.clone(), add=add)
+        assert torch.equal(got_res, want_res) and torch.equal(ref(x, res.clone(), add=add)[0], want)
+    else:
+        want, got = ref(x + add), kern(x, add=add)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert (got - kern(x) if not with_residual else got - kern(x, res.clone())[0]).abs().max() > 0.1
+
+
 def test_silu_and_mul_fp8_out(device):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     x = 3 * torch.randn(13, 2 * 1536, dtype=dtype, device=device)

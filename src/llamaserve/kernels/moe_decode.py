@@ -135,8 +135,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     t, h = x.shape
     y = torch.empty((t, weight.shape[0]), dtype=x.dtype, device=x.device)
     if t:
+        block = min(8192, triton.next_power_of_2(h))  # Scout's 5,120: all loads in flight at once
         _router_kernel[(t, weight.shape[0])](x, weight, y, x.stride(0), weight.stride(0), y.stride(0), h,
-                                             BLOCK=min(2048, triton.next_power_of_2(h)))
+                                             BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return y
 
 

@@ -38,13 +38,16 @@ def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, Y8, S8, stride_x, stride_r, stride_y, stride_y8, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, stride_y, stride_y8, N, eps,
+                     HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_X2:  # a second addend (the MoE's shared-expert output), summed in x's dtype first
+        x2 = tl.load(X2 + row * stride_x2 + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + x2.to(tl.float32)).to(X.dtype.element_ty)
     if HAS_RESIDUAL:
         x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         tl.store(R + row * stride_r + cols, x, mask=mask)
@@ -64,18 +67,21 @@ def _out(x: torch.Tensor, shape: tuple[int, ...], out_scale: torch.Tensor | None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             out_scale: torch.Tensor | None = None, fp8_copy: torch.Tensor | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             out_scale: torch.Tensor | None = None, fp8_copy: torch.Tensor | None = None,
+             add: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x: [T, N]. With `residual` ([T, N], updated in place to x + residual), normalizes x + residual. With
-    `fp8_copy` (a scale), also returns the output quantized to FP8 with it: (y, y_fp8)."""
+    `fp8_copy` (a scale), also returns the output quantized to FP8 with it: (y, y_fp8). With `add` ([T, N]),
+    x + add (rounded to x's dtype) takes x's place."""
     t, n = x.shape
     y = _out(x, (t, n), out_scale)
     y8 = _out(x, (t, n), fp8_copy) if fp8_copy is not None else y
     if t:
         r = residual if residual is not None else x
         s = out_scale if out_scale is not None else weight
-        _rms_norm_kernel[(t,)](x, r, weight, y, s, y8, fp8_copy if fp8_copy is not None else weight, x.stride(0),
-                               r.stride(0), y.stride(0), y8.stride(0), n, eps, HAS_RESIDUAL=residual is not None,
+        x2 = add if add is not None else x
+        _rms_norm_kernel[(t,)](x, x2, r, weight, y, s, y8, fp8_copy if fp8_copy is not None else weight,
+                               x.stride(0), x2.stride(0), r.stride(0), y.stride(0), y8.stride(0), n, eps,
+                               HAS_X2=add is not None, HAS_RESIDUAL=residual is not None,
                                HAS_SCALE=out_scale is not None, HAS_COPY=fp8_copy is not None,
                                BLOCK=triton.next_power_of_2(n))
     return (y, y8) if fp8_copy is not None else y

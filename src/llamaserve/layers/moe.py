@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,6 +101,7 @@ class FusedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=wdtype).transpose(1, 2),
                                       requires_grad=False)
         self._calib: list[torch.Tensor] | None = None
+        self._wscales: tuple | None = None
         if self.fp8:
             static = quant.static_input_scales and not quant.online
             for name in ("gate_up_proj", "down_proj"):
@@ -112,18 +114,30 @@ class FusedExperts(nn.Module):
                 setattr(self, f"{name}_input_scale", inp)
                 getattr(self, name).weight_loader = self._make_weight_loader(name)
 
-    @staticmethod
-    def _scalar_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def _scalar_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         param.data.copy_(loaded.float().reshape(-1).max())  # a per-expert vector collapses to its largest entry
+        self._wscales = None
 
     def _make_weight_loader(self, name: str):
         def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
             if loaded.dtype != FP8:  # a float checkpoint: quantize with one scale per tensor
                 scale = dynamic_scale(loaded)
                 getattr(self, f"{name}_weight_scale").data.copy_(scale)
+                self._wscales = None
                 loaded = quantize_fp8(loaded, scale)
             param.data.copy_(loaded)
         return load
+
+    def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-tensor weight scales as [E] vectors, which the kernels index by expert: made once (a copy in
+        every forward was two more kernel launches per layer), again after a loader writes a scale or the
+        module moves."""
+        gs, ds = self.gate_up_proj_weight_scale, self.down_proj_weight_scale
+        key = (gs.data_ptr(), ds.data_ptr())
+        if self._wscales is None or self._wscales[0] != key:
+            e = self.num_experts
+            self._wscales = (key, gs.detach().expand(e).contiguous(), ds.detach().expand(e).contiguous())
+        return self._wscales[1], self._wscales[2]
 
     def begin_calibration(self) -> bool:
         """Static input scales from the next forward passes (ModelOpt's max calibration); dynamic meanwhile."""
@@ -143,12 +157,10 @@ class FusedExperts(nn.Module):
     def _scales(self) -> tuple:
         if not self.fp8:
             return ()
-        e = self.num_experts
         a1, a2 = self.gate_up_proj_input_scale, self.down_proj_input_scale
         if self._calib is not None:
             a1 = a2 = None
-        return (self.gate_up_proj_weight_scale.expand(e).contiguous(),
-                self.down_proj_weight_scale.expand(e).contiguous(), a1, a2)
+        return (*self._weight_scales(), a1, a2)
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
                 shared: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -203,14 +215,16 @@ class Llama4MoE(nn.Module):
         self.shared_expert = mlp_cls(cfg, dtype, backend, quant, f"{prefix}.shared_expert",
                                      intermediate_size=cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None, defer_shared: bool = False
+                ) -> torch.Tensor | PendingSum:
         """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it).
 
         Decode-sized steps on the GPU (Triton backend, top-1, at most DECODE_MAX_PAIRS tokens) run the shared
-        expert on a second stream, concurrently with the router and the routed gate-up GEMM, and join before the
-        routed down GEMM, which adds its output (SGLang does the same for DeepSeek's shared experts): at one
-        token each kernel is a short weight stream, and the two chains fill each other's launch gaps and tails.
-        LLAMASERVE_SHARED_EXPERT_STREAM=0 turns it off."""
+        expert on a second stream, concurrently with the routed experts (SGLang does the same for DeepSeek's
+        shared experts): at one token each kernel is a short weight stream, and the two chains fill each other's
+        launch gaps and tails. The routed down GEMM then adds the shared output after a join; with
+        `defer_shared` the MoE returns a `PendingSum` instead, so the two chains run to their ends and the next
+        RMSNorm adds them (models/llama4.py). LLAMASERVE_SHARED_EXPERT_STREAM=0 keeps one stream."""
         sx = shared_input if shared_input is not None else x
         decode = False
         if self.experts.backend == "triton" and self.top_k == 1:
@@ -218,21 +232,35 @@ class Llama4MoE(nn.Module):
 
             decode = x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
         side = _side_stream(x.device) if decode and isinstance(self.experts, FusedExperts) else None
-        shared: torch.Tensor | Callable[[], torch.Tensor]
-        if side is not None:
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                shared_out = self.shared_expert(sx)
-
-            def shared() -> torch.Tensor:  # the join, called by the experts right before they need it
-                main.wait_stream(side)
-                return shared_out
-        else:
+        if side is None:
             shared = self.shared_expert(sx)
+            logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
+            return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared_out = self.shared_expert(sx)
+
+        def join() -> torch.Tensor:  # called right before the shared output is read
+            main.wait_stream(side)
+            return shared_out
         # decode: the router's logits in one small kernel (cuBLAS takes two at one token)
-        logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
-        return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
+        logits = moe_decode.router_logits(x, self.router.weight)
+        if defer_shared:
+            return PendingSum(self.experts.forward_logits(x, logits, self.top_k), join)
+        return self.experts.forward_logits(x, logits, self.top_k, shared=join)
+
+
+@dataclass
+class PendingSum:
+    """`first + second()` not yet added: the routed experts' output and the join that yields the shared expert's
+    (computed on another stream). `resolve()` adds them as the MoE would have (in the model dtype)."""
+
+    first: torch.Tensor
+    second: Callable[[], torch.Tensor]
+
+    def resolve(self) -> torch.Tensor:
+        return self.first + self.second()
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}

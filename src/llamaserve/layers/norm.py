@@ -19,17 +19,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
-                fp8_copy: torch.Tensor | None = None) -> Any:
+                fp8_copy: torch.Tensor | None = None, add: torch.Tensor | None = None) -> Any:
         """x: [num_tokens, hidden]. With `residual`, returns (norm(x + residual), x + residual).
         With `out_scale`, the normalized output is float8_e4m3fn (value / out_scale). With `fp8_copy` (a scale),
-        the normalized output is a pair: (output, output quantized to FP8 with that scale)."""
+        the normalized output is a pair: (output, output quantized to FP8 with that scale). With `add`, x + add
+        (in x's dtype) takes x's place (Llama 4's shared-expert output, added here instead of by the MoE)."""
         if self.backend == "triton":
             from llamaserve.kernels.norm_act import rms_norm
 
             if residual is None:
-                return rms_norm(x, self.weight, self.eps, out_scale=out_scale, fp8_copy=fp8_copy)
+                return rms_norm(x, self.weight, self.eps, out_scale=out_scale, fp8_copy=fp8_copy, add=add)
             residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
-            return rms_norm(x, self.weight, self.eps, residual, out_scale, fp8_copy), residual
+            return rms_norm(x, self.weight, self.eps, residual, out_scale, fp8_copy, add), residual
+        if add is not None:
+            x = x + add
         if residual is not None:
             x = x + residual
             residual = x

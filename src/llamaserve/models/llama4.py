@@ -22,7 +22,7 @@ from torch import nn
 
 from llamaserve.layers.attention import Attention, ForwardBatch
 from llamaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from llamaserve.layers.moe import Llama4MoE
+from llamaserve.layers.moe import Llama4MoE, PendingSum
 from llamaserve.layers.norm import RMSNorm
 from llamaserve.layers.quantization import QuantConfig
 from llamaserve.layers.rotary import RotaryEmbedding, rope_parameters
@@ -41,6 +41,11 @@ def interleaved_to_half(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     shape = w.shape
     raw = w.view(torch.uint8) if w.dtype.itemsize == 1 else w  # FP8: index the bytes (no fp8 gather on CPU)
     return raw.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape).view(w.dtype)
+
+
+def pending(x: torch.Tensor | PendingSum) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, None), or for a MoE output whose shared-expert part is still pending: (routed, shared) after the join."""
+    return (x.first, x.second()) if isinstance(x, PendingSum) else (x, None)
 
 
 def moe_layers(cfg: Any) -> set[int]:
@@ -115,8 +120,10 @@ class Llama4DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | PendingSum, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
+        """x: the hidden states, or the previous MoE layer's routed and shared outputs not yet added (a
+        `PendingSum`, at decode size): the input norm adds them with the residual."""
         # the norms write FP8 directly when the next projection takes a static-scaled FP8 input (the MoE's router
         # and experts take the bf16 output, its shared expert a second, FP8 copy)
         qkv_scale = self.self_attn.qkv_proj.static_input_scale
@@ -124,16 +131,17 @@ class Llama4DecoderLayer(nn.Module):
             residual = x
             x = self.input_layernorm(x, out_scale=qkv_scale)
         else:
-            x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale)
+            x, add = pending(x)
+            x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale, add=add)
         x = self.self_attn(positions, x, batch)
         ff = self.feed_forward
         if isinstance(ff, Llama4MoE):  # router and experts take bf16; the shared expert an FP8 copy, if static
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
             if shared_scale is not None:
                 (x, x8), residual = self.post_attention_layernorm(x, residual, fp8_copy=shared_scale)
-                return ff(x, shared_input=x8), residual
+                return ff(x, shared_input=x8, defer_shared=True), residual
             x, residual = self.post_attention_layernorm(x, residual)
-            return ff(x), residual
+            return ff(x, defer_shared=True), residual
         x, residual = self.post_attention_layernorm(x, residual, out_scale=ff.gate_up_proj.static_input_scale)
         return ff(x), residual
 
@@ -166,7 +174,8 @@ class Llama4ForCausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(positions, x, residual, batch)
-        x, _ = self.model.norm(x, residual)
+        x, add = pending(x)
+        x, _ = self.model.norm(x, residual, add=add)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
