@@ -135,17 +135,18 @@ def test_shared_output_as_a_callable(t, device):
     assert calls == [1] and torch.equal(got, want)
 
 
-def _moe_module(device, dtype):
+def _moe_module(device, dtype, quant=None):
     from transformers import Llama4TextConfig
 
     from llamaserve.layers.moe import Llama4MoE
     from llamaserve.models.llama import LlamaMLP
 
     cfg = Llama4TextConfig(hidden_size=256, intermediate_size=128, num_local_experts=4, num_experts_per_tok=1)
-    moe = Llama4MoE(cfg, dtype, "triton", None, "model.layers.0.feed_forward", LlamaMLP).to(device)
+    moe = Llama4MoE(cfg, dtype, "triton", quant, "model.layers.0.feed_forward", LlamaMLP).to(device)
     gen = torch.Generator().manual_seed(0)
     for p in moe.parameters():
-        p.data.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(dtype))
+        if p.dtype == dtype:  # float weights (FP8 ones and scales are set by the test)
+            p.data.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(dtype))
     return moe
 
 
@@ -190,3 +191,28 @@ def test_expert_weight_scales_are_cached_until_a_loader_writes_one():
     param = experts.gate_up_proj_weight_scale
     param.weight_loader(param, torch.tensor([0.5, 2.0, 1.5]))
     assert torch.equal(experts._scales()[0], torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_shared_expert_glu_kernel_matches_the_mlp(t, device):
+    """Llama 4's FP8 shared expert at decode size (gate-up and SiLU in one kernel, `glu_decode`, then the down
+    projection) against the shared expert module itself (FP8 GEMM, SiLU kernel, FP8 GEMM)."""
+    from llamaserve.layers.quantization import QuantConfig
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    moe = _moe_module(device, dtype, QuantConfig("fp8"))
+    gu, dn = moe.shared_expert.gate_up_proj, moe.shared_expert.down_proj
+    gen = torch.Generator().manual_seed(t)
+    with torch.no_grad():
+        for lin in (gu, dn):
+            w = torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5
+            lin.weight_scale.fill_(w.abs().max().item() / 448)
+            lin.weight.copy_(quantize_fp8(w.to(device), lin.weight_scale[0]))
+            lin.input_scale.fill_(0.02)
+            lin.finalize()
+    x = torch.randn(t, 256, generator=gen).to(device, dtype)
+    x8 = quantize_fp8(x, gu.input_scale)
+    want = moe.shared_expert(x8).float()
+    got = moe._shared(x8, x, decode=True).float()
+    assert got.shape == want.shape == (t, 256)
+    assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.float32 else 3e-2)

@@ -64,15 +64,19 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pairs, N, K, up_off,
                         stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
-                        EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    ids = tl.load(Ids + rows, mask=rows < num_pairs, other=-1)
-    e = tl.load(Ids + p)
-    if tl.sum(((ids == e) & (rows < p)).to(tl.int32), axis=0) > 0:
-        return  # an earlier token has this expert: its program computes every row of the expert
-    row_ok = ids == e
+    if SINGLE:  # a dense layer: one "expert" for every row
+        e = p * 0
+        row_ok = rows < num_pairs
+    else:
+        ids = tl.load(Ids + rows, mask=rows < num_pairs, other=-1)
+        e = tl.load(Ids + p)
+        if tl.sum(((ids == e) & (rows < p)).to(tl.int32), axis=0) > 0:
+            return  # an earlier token has this expert: its program computes every row of the expert
+        row_ok = ids == e
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     kk = tl.arange(0, BLOCK_K)
@@ -160,21 +164,22 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
-def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, n: int, glu: bool,
+def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int, glu: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
           add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
-    """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n)."""
+    """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n); ids None: every
+    row takes W[0] (a dense layer)."""
     num_pairs, k = a.shape
     cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
     fp8 = w.dtype == torch.float8_e4m3fn
     even = k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0
-    grid = (num_pairs, triton.cdiv(n, cfg["BLOCK_N"]))
-    dummy = ids
+    grid = (num_pairs if ids is not None else 1, triton.cdiv(n, cfg["BLOCK_N"]))
+    dummy = ids if ids is not None else a
     _decode_gemm_kernel[grid](
-        a, w, out, ids, a_scale if fp8 else dummy, w_scale if fp8 else dummy, add if add is not None else dummy,
+        a, w, out, dummy, a_scale if fp8 else dummy, w_scale if fp8 else dummy, add if add is not None else dummy,
         out_scale if out_scale is not None else dummy, ref, num_pairs, n, k, n * w.stride(2), a.stride(0),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
-        FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, EVEN=even,
+        FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None, EVEN=even,
         PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, **cfg)
 
 
@@ -214,3 +219,17 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     _gemm(act, down, out, ids, h, False, s2, down_scale, x, add=shared() if callable(shared) else shared)
     return out
+
+
+def glu_decode(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | None, a_scale: torch.Tensor | None,
+               out_scale: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """A dense gate-up layer and its SiLU-and-mul in one kernel, for decode-sized x [T <= 16, H]: weight
+    [2I, H] (gate rows first, K contiguous); FP8 (x already quantized with `a_scale`, per-tensor `w_scale`) or
+    float. The output [T, I] is FP8 with `out_scale` when given, else in `ref`'s dtype (the model's). Llama 4's
+    shared expert at decode (layers/moe.py): one launch instead of cuBLAS's GEMM and the SiLU kernel."""
+    t = x.shape[0]
+    inter = weight.shape[0] // 2
+    assert 0 < t <= DECODE_MAX_PAIRS
+    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if out_scale is not None else ref.dtype, device=x.device)
+    _gemm(x, weight.t().unsqueeze(0), act, None, inter, True, a_scale, w_scale, ref, out_scale=out_scale)
+    return act
