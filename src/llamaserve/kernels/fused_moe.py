@@ -301,16 +301,13 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
               top_scores: torch.Tensor | None, gate_up_scale: torch.Tensor | None = None,
               down_scale: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
               a2_scale: torch.Tensor | None = None, shared: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-              router_logits: torch.Tensor | None = None, on_routed: Callable[[], None] | None = None
-              ) -> torch.Tensor:
+              router_logits: torch.Tensor | None = None) -> torch.Tensor:
     """shared + sum over k of expert_{top_ids}(x * top_scores): x [T, H]; gate_up [E, H, 2I]; down [E, I, H]
     (any strides). With `router_logits` [T, E] instead of top_ids / top_scores: top-1 sigmoid routing in the
     alignment kernel. FP8 weights take per-expert scales (gate_up_scale, down_scale [E]) and per-tensor activation
     scales a1 (of the score-scaled token) / a2 (of the SiLU-and-mul output); None: dynamic, a1 = amax(x) / 448
     (scores are at most 1), a2 = amax / 448 of the activation. `shared` may be a callable returning the tensor
-    (layers/moe.py's join with the shared expert's stream), called only when the tensor is needed; `on_routed`
-    is called once (after the decode path's routing kernel: layers/moe.py forks the shared expert's stream
-    there, so the routing does not queue for SMs behind the shared expert's GEMMs)."""
+    (layers/moe.py's join with the shared expert's stream), called only when the tensor is needed."""
     from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
 
     t, h = x.shape
@@ -319,9 +316,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
     num_pairs = t * top_k
     if top_k == 1 and 0 < num_pairs <= moe_decode.DECODE_MAX_PAIRS:  # decode: weight streams, no sort
         return moe_decode.fused_moe_decode(x, gate_up, down, top_ids, top_scores, gate_up_scale, down_scale,
-                                           a1_scale, a2_scale, shared, router_logits, on_routed)
-    if on_routed is not None:
-        on_routed()
+                                           a1_scale, a2_scale, shared, router_logits)
     shared = shared() if callable(shared) else shared
     fp8 = gate_up.dtype == torch.float8_e4m3fn
     prequant = fp8 and num_pairs >= PREQUANT_MIN_PAIRS

@@ -187,11 +187,9 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                      top_scores: torch.Tensor | None, gate_up_scale: torch.Tensor | None,
                      down_scale: torch.Tensor | None, a1_scale: torch.Tensor | None, a2_scale: torch.Tensor | None,
                      shared: torch.Tensor | Callable[[], torch.Tensor] | None,
-                     router_logits: torch.Tensor | None, on_routed: Callable[[], None] | None = None
-                     ) -> torch.Tensor:
+                     router_logits: torch.Tensor | None) -> torch.Tensor:
     """kernels/fused_moe.py's `fused_moe` for top-1 routing and 1..DECODE_MAX_PAIRS tokens (same arguments; a
-    callable `shared` is called right before the down GEMM, which adds its result; `on_routed` right after the
-    routing kernel is enqueued)."""
+    callable `shared` is called right before the down GEMM, which adds its result)."""
     from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
 
     t, h = x.shape
@@ -212,8 +210,6 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
         QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
-    if on_routed is not None:
-        on_routed()
     s2 = a2_scale if fp8 else None
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
     _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)

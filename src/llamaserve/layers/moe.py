@@ -183,18 +183,14 @@ class FusedExperts(nn.Module):
         return out if shared is None else shared + out
 
     def forward_logits(self, x: torch.Tensor, logits: torch.Tensor, top_k: int,
-                       shared: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-                       on_routed: Callable[[], None] | None = None) -> torch.Tensor:
+                       shared: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """Route (top-k on the router logits, sigmoid of the chosen logit) and run the experts. The Triton backend
-        does top-1 routing inside the alignment kernel; otherwise through `forward` (so hooks see ids and scores).
-        `on_routed` is called once, after the routing (kernels/fused_moe.py) or first (otherwise)."""
+        does top-1 routing inside the alignment kernel; otherwise through `forward` (so hooks see ids and scores)."""
         if self.backend == "triton" and top_k == 1 and self._calib is None:
             from llamaserve.kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.gate_up_proj, self.down_proj, None, None, *self._scales(), shared=shared,
-                             router_logits=logits, on_routed=on_routed)
-        if on_routed is not None:
-            on_routed()
+                             router_logits=logits)
         return self(x, *route_topk(logits, top_k, x.dtype), shared=shared)
 
 
@@ -223,13 +219,12 @@ class Llama4MoE(nn.Module):
                 ) -> torch.Tensor | PendingSum:
         """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it).
 
-        Decode-sized steps on the GPU (Triton backend, top-1, at most DECODE_MAX_PAIRS tokens) run the router and
-        routing kernels, then the shared expert on a second stream concurrently with the routed experts' GEMMs
-        (SGLang does the same for DeepSeek's shared experts): at one token each kernel is a short weight stream,
-        and the two chains fill each other's launch gaps and tails. The routed down GEMM then adds the shared
-        output after a join; with `defer_shared` the MoE returns a `PendingSum` instead, so the two chains run to
-        their ends and the next RMSNorm adds them (models/llama4.py). LLAMASERVE_SHARED_EXPERT_STREAM=0 keeps one
-        stream."""
+        Decode-sized steps on the GPU (Triton backend, top-1, at most DECODE_MAX_PAIRS tokens) run the shared
+        expert on a second stream, concurrently with the routed experts (SGLang does the same for DeepSeek's
+        shared experts): at one token each kernel is a short weight stream, and the two chains fill each other's
+        launch gaps and tails. The routed down GEMM then adds the shared output after a join; with
+        `defer_shared` the MoE returns a `PendingSum` instead, so the two chains run to their ends and the next
+        RMSNorm adds them (models/llama4.py). LLAMASERVE_SHARED_EXPERT_STREAM=0 keeps one stream."""
         sx = shared_input if shared_input is not None else x
         decode = False
         if self.experts.backend == "triton" and self.top_k == 1:
@@ -237,27 +232,23 @@ class Llama4MoE(nn.Module):
 
             decode = x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
         side = _side_stream(x.device) if decode and isinstance(self.experts, FusedExperts) else None
-        # decode: the router's logits in one small kernel (cuBLAS takes two at one token); it and the routing
-        # kernel run before the fork (beside the shared expert's GEMMs they queue for SMs: the router took 20 us
-        # instead of 2.3 on the H200, the routing 10)
+        # decode: the router's logits in one small kernel (cuBLAS takes two at one token), before the fork (beside
+        # the shared expert's GEMMs it waits for their SMs: 20 us instead of 2 on the H200)
         logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
         if side is None:
             shared = self._shared(sx, x, decode)
             return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
         main = torch.cuda.current_stream(x.device)
-        branch: list[torch.Tensor] = []
-
-        def fork() -> None:  # called by the experts once the routing kernel is enqueued
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                branch.append(self._shared(sx, x, decode))
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared_out = self._shared(sx, x, decode)
 
         def join() -> torch.Tensor:  # called right before the shared output is read
             main.wait_stream(side)
-            return branch[0]
+            return shared_out
         if defer_shared:
-            return PendingSum(self.experts.forward_logits(x, logits, self.top_k, on_routed=fork), join)
-        return self.experts.forward_logits(x, logits, self.top_k, shared=join, on_routed=fork)
+            return PendingSum(self.experts.forward_logits(x, logits, self.top_k), join)
+        return self.experts.forward_logits(x, logits, self.top_k, shared=join)
 
 
     def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
