@@ -23,25 +23,13 @@ from functools import partial
 
 import torch
 import triton
+from moe_bench import copy_bw, per_launch  # benchmarks/ (this script's folder) is on sys.path
 
 from llamaserve.kernels import fused_moe as fm
 from llamaserve.kernels import moe_decode as md
 
 E, H, INTER, REPS = 16, 5120, 8192, 16
 FP8 = torch.float8_e4m3fn
-
-
-def timed(fn, iters: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / iters
 
 
 def graph_us(fns: list) -> float:
@@ -53,13 +41,7 @@ def graph_us(fns: list) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
-    return round(timed(g.replay) / len(fns) * 1e6, 2)
-
-
-def copy_bw() -> float:
-    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 2 / timed(lambda: y.copy_(x)) / 1e12
+    return round(per_launch(g.replay, iters=10) / len(fns) * 1e6, 2)
 
 
 def nk(e: int, n: int, k: int, pad: int = 0) -> torch.Tensor:

@@ -63,16 +63,22 @@ def test_rms_norm_fp8_out(with_residual, device):
         assert (got.float() == want.float()).float().mean() > 0.99
 
 
-@pytest.mark.parametrize("out_scale", [False, True])
-def test_rms_norm_fp8_copy(out_scale, device):
-    """A second, FP8 output (its own scale) next to the plain or FP8 one: kernel and reference module both give
-    (output, quantize_fp8(norm, copy scale)), and the residual update is unchanged."""
+def _norm_pair(n, device):
+    """The reference RMSNorm module and its Triton-backend twin with the same random weight, and their dtype."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    t, n = 6, 320
     ref = RMSNorm(n, 1e-5, dtype).to(device)
     ref.weight.data = torch.randn(n, dtype=dtype, device=device)
     kern = RMSNorm(n, 1e-5, dtype, backend="triton").to(device)
     kern.weight.data = ref.weight.data
+    return ref, kern, dtype
+
+
+@pytest.mark.parametrize("out_scale", [False, True])
+def test_rms_norm_fp8_copy(out_scale, device):
+    """A second, FP8 output (its own scale) next to the plain or FP8 one: kernel and reference module both give
+    (output, quantize_fp8(norm, copy scale)), and the residual update is unchanged."""
+    t, n = 6, 320
+    ref, kern, dtype = _norm_pair(n, device)
     x = torch.randn(t, n, dtype=dtype, device=device)
     res = torch.randn(t, n, dtype=dtype, device=device)
     s_out = torch.tensor(0.01, device=device) if out_scale else None
@@ -94,12 +100,8 @@ def test_rms_norm_fp8_copy(out_scale, device):
 def test_rms_norm_adds_a_second_input(with_residual, device):
     """`add`: norm((x + add) + residual) with x + add rounded to x's dtype first, as the MoE's `shared + routed`
     followed by the layer's residual add; kernel against the reference module, residual update included."""
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     t, n = 5, 448
-    ref = RMSNorm(n, 1e-5, dtype).to(device)
-    ref.weight.data = torch.randn(n, dtype=dtype, device=device)
-    kern = RMSNorm(n, 1e-5, dtype, backend="triton").to(device)
-    kern.weight.data = ref.weight.data
+    ref, kern, dtype = _norm_pair(n, device)
     x, add, res = (torch.randn(t, n, dtype=dtype, device=device) for _ in range(3))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     if with_residual:
