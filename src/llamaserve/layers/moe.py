@@ -250,7 +250,6 @@ class Llama4MoE(nn.Module):
             return PendingSum(self.experts.forward_logits(x, logits, self.top_k), join)
         return self.experts.forward_logits(x, logits, self.top_k, shared=join)
 
-
     def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """The shared expert; at decode size with a pre-quantized FP8 input its gate-up and SiLU run as one
         kernel (kernels/moe_decode.py `glu_decode`), the down projection on cuBLAS."""
