@@ -252,9 +252,10 @@ def _reduce_kernel(X, Add, Y, num_splits, stride_xs, stride_x, stride_add, strid
 def _launch(num_pairs: int, n: int, k: int, num_experts: int, a_bytes: int = 1, w_bytes: int = 1) -> dict:
     """Launch parameters from the H200 sweep on Scout shapes (benchmarks/moe_bench.py, FP8 weights [E, N, K]):
     256-wide K steps (128 at most 16 pairs); 16-row blocks up to 128 pairs, 64-row blocks beyond; split-K when
-    the programs of the experts hit would not fill the GPU (up to 2048 programs at most 16 pairs: at one token the
-    decode sweep measured gate-up 35 us with 128-wide K steps and 8 splits against 56 us with 256 and 4, down 52
-    against 59 us, SPLIT_SWEEP=1 of benchmarks/moe_bench.py, H200, 2026-11-30). Wider operands (bf16 A or W:
+    the programs of the experts hit would not fill the GPU (up to 2048 programs at most 16 pairs, from the
+    one-token SPLIT_SWEEP=1 of benchmarks/moe_bench.py, H200, 2026-11-30; NOTE: that sweep timed eager launches,
+    ~30 us of Python launch each, so its absolute times are launch-bound; top-1 steps of that size now take
+    kernels/moe_decode.py, and these tiny-batch launches serve top-k > 1 only). Wider operands (bf16 A or W:
     `a_bytes`, `w_bytes`) get fewer pipeline stages, then narrower K steps, so the stages fit in `SMEM_BYTES`."""
     block_m = 16 if num_pairs <= 128 else 64
     block_n = 64 if num_pairs <= 16 or n > 8192 else 128
