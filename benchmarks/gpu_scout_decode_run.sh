@@ -4,19 +4,27 @@
 # BATCHES, timed and profiled (profile_step.py), and the batch-1 `bench latency`. Results in $OUT.
 #   bash benchmarks/gpu_scout_decode_run.sh [BATCHES]   # "1,16" by default; KERNELS=0 skips decode_bench,
 #                                                       # PROFILE=0 the profile, LATENCY=0 bench latency,
-#                                                       # STREAM_AB=1 adds bench latency with one stream
+#                                                       # STREAM_AB=1 adds bench latency with one stream,
+#                                                       # VARIANTS="A=0 B=1,C=0" times each switch setting
+#                                                       # (decode_variants.py, one model load)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:-}:src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moe_decode.py tests/kernels/test_fused_moe.py \
-    tests/kernels/test_norm_act.py > "$OUT/gpu_tests.log" 2>&1
+    tests/kernels/test_norm_act.py tests/kernels/test_paged_attention.py tests/kernels/test_prefetch.py \
+    tests/kernels/test_cuda_graphs.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log"
 # a small random Llama 4 in float32 with the Triton kernels (shared-expert stream included) against transformers
 timeout 200 python3 benchmarks/gpu_llama4_check.py > "$OUT/llama4_check.log" 2>&1; tail -4 "$OUT/llama4_check.log"
 if [ "${KERNELS:-1}" = 1 ]; then
   timeout 300 python3 benchmarks/decode_bench.py > "$OUT/decode_bench.log" 2>&1
   cut -c1-700 "$OUT/decode_bench.log" | grep -v Warning
+fi
+if [ -n "${VARIANTS:-}" ]; then
+  # shellcheck disable=SC2086
+  MODEL=llama-4-scout timeout 300 python3 benchmarks/decode_variants.py $VARIANTS > "$OUT/variants.log" 2>&1
+  grep -E "variant|Error|error" "$OUT/variants.log" | cut -c1-300
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   MODEL=llama-4-scout timeout 280 python3 benchmarks/profile_step.py "${1:-1,16}" auto fp8 > "$OUT/profile.log" 2>&1

@@ -216,3 +216,81 @@ def test_shared_expert_glu_kernel_matches_the_mlp(t, device):
     got = moe._shared(x8, x, decode=True).float()
     assert got.shape == want.shape == (t, 256)
     assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.float32 else 3e-2)
+
+
+def _fp8_moe(device, dtype, t):
+    """A small Llama 4 MoE with FP8 experts and shared expert, static input scales, random weights."""
+    from llamaserve.layers.quantization import QuantConfig
+
+    moe = _moe_module(device, dtype, QuantConfig("fp8"))
+    ex, gen = moe.experts, torch.Generator().manual_seed(100 + t)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            w = torch.randn(getattr(ex, name).shape, generator=gen) * getattr(ex, name).shape[1] ** -0.5
+            getattr(ex, f"{name}_weight_scale").fill_(w.abs().max().item() / 448)
+            getattr(ex, name).copy_(quantize_fp8(w.to(device), getattr(ex, f"{name}_weight_scale")))
+            getattr(ex, f"{name}_input_scale").fill_(0.01)
+        for lin in (moe.shared_expert.gate_up_proj, moe.shared_expert.down_proj):
+            w = torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5
+            lin.weight_scale.fill_(w.abs().max().item() / 448)
+            lin.weight.copy_(quantize_fp8(w.to(device), lin.weight_scale[0]))
+            lin.input_scale.fill_(0.01)
+            lin.finalize()
+        moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=gen).to(device, dtype) * 0.1)
+    return moe
+
+
+@pytest.mark.parametrize("t,h,e", [(1, 5120, 16), (5, 300, 5)])
+def test_norm_route_matches_norm_router_and_routing(t, h, e, device):
+    """The fused decode kernel (residual add + RMSNorm, FP8 copy, router, top-1, scaled FP8 expert input) against
+    RMSNorm's reference, x @ W^T, topk and quantize_fp8: the same residual and norm copy, the same expert and
+    score (up to summation order), the same A up to one FP8 rounding step on a few elements."""
+    from llamaserve.layers.norm import RMSNorm
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(t * 11 + e)
+    x = torch.randn(t, h, generator=gen).to(device, dtype)
+    residual = torch.randn(t, h, generator=gen).to(device, dtype)
+    norm = RMSNorm(h, 1e-5, dtype).to(device)
+    norm.weight.data.copy_((1 + 0.1 * torch.randn(h, generator=gen)).to(dtype))
+    w = (torch.randn(e, h, generator=gen) * h**-0.5).to(device, dtype)
+    s1, s8 = torch.tensor(0.004, device=device), torch.tensor(0.01, device=device)
+    (y, y8_want), r_want = norm(x, residual.clone(), fp8_copy=s8)
+    logits = (y.float() @ w.float().t()).to(dtype)
+    ids_want, scores_want = _route(logits, dtype)
+    a_want = quantize_fp8((y * scores_want).to(dtype), s1).float()
+    r = residual.clone()
+    a, ids, scores, y8 = moe_decode.norm_route(x, r, norm.weight, 1e-5, w, s1, s8)
+    assert torch.equal(r, r_want)
+    assert torch.equal(ids, ids_want.reshape(-1))
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # the logits' summation order: one bf16 rounding at most
+    torch.testing.assert_close(scores, scores_want.reshape(-1).float(), atol=tol, rtol=tol)
+    for got, want in ((y8.float(), y8_want.float()), (a.float(), a_want)):
+        diff = (got - want).abs()
+        assert (diff > 0).float().mean() < 0.01 and (diff <= want.abs() / 8 + 2**-9).all()
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_moe_forward_norm_route_matches_norm_then_moe(t, device, monkeypatch):
+    """Llama4MoE.forward_norm_route (the fused decode kernel, shared expert and routed GEMMs) against the
+    post-attention norm followed by the MoE's own decode path: the same residual and output."""
+    from llamaserve.layers.moe import PendingSum
+    from llamaserve.layers.norm import RMSNorm
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    moe = _fp8_moe(device, dtype, t)
+    norm = RMSNorm(256, 1e-5, dtype, "triton").to(device)
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, 256, generator=gen).to(device, dtype)
+    residual = torch.randn(t, 256, generator=gen).to(device, dtype)
+    scale = moe.shared_expert.gate_up_proj.static_input_scale
+    assert moe.norm_route_fusable(x, scale)
+    monkeypatch.setenv("LLAMASERVE_FUSED_NORM_ROUTE", "0")
+    assert not moe.norm_route_fusable(x, scale)
+    (y, y8), r_want = norm(x, residual.clone(), fp8_copy=scale)
+    want = moe(y, shared_input=y8)
+    out, r = moe.forward_norm_route(x, residual.clone(), norm, scale)
+    out = out.resolve() if isinstance(out, PendingSum) else out
+    assert torch.equal(r, r_want)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.float() - want.float()).norm() / want.float().norm() < tol

@@ -47,11 +47,21 @@ def test_matches_reference(case, kv_dtype, device):
     _check_case(case, kv_dtype, device)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [2, 4, 16])
-def test_split_kv_decode(num_splits, device):
-    """Split-KV (flash-decoding) gives the same decode output; splits past a short context stay empty."""
-    _check_case((8, 2, 64, 16, [(300, 1), (5, 1), (1, 1), (129, 1)]), "model", device, num_splits=num_splits)
-    _check_case((4, 1, 32, 16, [(70, 1), (33, 1)]), "fp8", device, num_splits=num_splits)
+def test_split_kv_decode(num_splits, fused, device, monkeypatch):
+    """Split-KV (flash-decoding) gives the same decode output; splits past a short context stay empty. Fused: the
+    last split of each (tile, kv head) merges them in the attention kernel, and leaves its counter zero for the
+    next launch; otherwise the separate combine kernel (LLAMASERVE_ATTN_FUSED_COMBINE=0)."""
+    from llamaserve.kernels import paged_attention as pa
+
+    monkeypatch.setenv("LLAMASERVE_ATTN_FUSED_COMBINE", "1" if fused else "0")
+    assert (pa.split_counters(device, 8) is not None) == fused
+    for _ in range(2):  # a second launch reuses the counters
+        _check_case((8, 2, 64, 16, [(300, 1), (5, 1), (1, 1), (129, 1)]), "model", device, num_splits=num_splits)
+        _check_case((4, 1, 32, 16, [(70, 1), (33, 1)]), "fp8", device, num_splits=num_splits)
+    if fused:
+        assert not pa.split_counters(device, 8).any()
 
 
 @pytest.mark.parametrize("local", [{"chunk_size": 32}, {"chunk_size": 48}, {"sliding_window": 20}])

@@ -63,6 +63,38 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 
 
 @triton.jit
+def _norm_route_kernel(X, R, NW, RW, Ids, Scores, A, S1, Y8, S8, stride_x, stride_r, stride_rw, stride_a, stride_y8,
+                       H, eps, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per token: r = x + residual (written back), y = RMSNorm(r) (as kernels/norm_act.py), y in FP8
+    for the shared expert (S8), the router's logits y . W_e (rounded to the model dtype), the first largest, its
+    sigmoid score, and A = y * score in FP8 (S1) for the routed expert."""
+    t = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
+    x = x + tl.load(R + t * stride_r + cols, mask=mask, other=0.0)
+    tl.store(R + t * stride_r + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
+    y = tl.load(NW + cols, mask=mask, other=0.0) * h.to(x.dtype)
+    yf = y.to(tl.float32)
+    tl.store(Y8 + t * stride_y8 + cols, round_e4m3(yf / tl.load(S8)).to(Y8.dtype.element_ty), mask=mask)
+    ee = tl.arange(0, BLOCK_E)
+    lg = tl.full([BLOCK_E], float("-inf"), tl.float32)
+    for e in range(E):
+        w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)
+        v = tl.sum(yf * w.to(tl.float32), 0).to(X.dtype.element_ty).to(tl.float32)
+        lg = tl.where(ee == e, v, lg)
+    best = tl.max(lg, axis=0)
+    idx = tl.min(tl.where(lg == best, ee, BLOCK_E), axis=0)
+    score = tl.sigmoid(best).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Ids + t, idx.to(Ids.dtype.element_ty))
+    tl.store(Scores + t, score)
+    a = (yf * score).to(X.dtype.element_ty)
+    tl.store(A + t * stride_a + cols, round_e4m3(a.to(tl.float32) / tl.load(S1)).to(A.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pairs, N, K, up_off,
                         stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
@@ -192,11 +224,10 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                      router_logits: torch.Tensor | None) -> torch.Tensor:
     """kernels/fused_moe.py's `fused_moe` for top-1 routing and 1..DECODE_MAX_PAIRS tokens (same arguments; a
     callable `shared` is called right before the down GEMM, which adds its result)."""
-    from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
+    from llamaserve.layers.quantization import dynamic_scale
 
     t, h = x.shape
-    num_experts, _, two_i = gate_up.shape
-    inter = two_i // 2
+    num_experts = gate_up.shape[0]
     assert 0 < t <= DECODE_MAX_PAIRS and (top_ids is None or top_ids.shape[1] == 1)
     fp8 = gate_up.dtype == torch.float8_e4m3fn
     s1 = (a1_scale if a1_scale is not None else dynamic_scale(x)) if fp8 else None
@@ -212,15 +243,50 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
         QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
-    s2 = a2_scale if fp8 else None
-    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
-    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
+    return experts_decode(a, ids, gate_up, down, s1, gate_up_scale, down_scale, a2_scale if fp8 else None, x, shared)
+
+
+def experts_decode(a: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   s1: torch.Tensor | None, gate_up_scale: torch.Tensor | None, down_scale: torch.Tensor | None,
+                   s2: torch.Tensor | None, ref: torch.Tensor,
+                   shared: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """The two expert GEMMs of a routed decode step: A [T, H] (the score-scaled tokens, FP8 with s1 for FP8
+    experts) and ids [T] -> [T, H] in `ref`'s dtype, plus `shared` (s2 None with FP8 experts: dynamic)."""
+    from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
+
+    t, h = a.shape
+    inter = gate_up.shape[2] // 2
+    fp8 = gate_up.dtype == torch.float8_e4m3fn
+    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else ref.dtype, device=a.device)
+    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, ref, out_scale=s2)
     if fp8 and s2 is None:  # dynamic: the activation's amax first
         s2 = dynamic_scale(act)
         act = quantize_fp8(act, s2)
-    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
-    _gemm(act, down, out, ids, h, False, s2, down_scale, x, add=shared() if callable(shared) else shared)
+    out = torch.empty((t, h), dtype=ref.dtype, device=a.device)
+    _gemm(act, down, out, ids, h, False, s2, down_scale, ref, add=shared() if callable(shared) else shared)
     return out
+
+
+def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+               router_weight: torch.Tensor, a1_scale: torch.Tensor, shared_scale: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's post-attention RMSNorm, router and top-1 routing in one kernel (Llama 4 with FP8 experts
+    and static input scales): residual += x in place; returns (A [T, H] FP8 = norm * score / a1_scale, ids [T],
+    scores [T], the norm output in FP8 with `shared_scale` for the shared expert). At one token on the H200 it
+    replaces three kernels (RMSNorm, router, route-and-scale)."""
+    t, h = x.shape
+    assert 0 < t <= DECODE_MAX_PAIRS
+    num_experts = router_weight.shape[0]
+    a = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
+    y8 = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
+    ids = torch.empty(t, dtype=torch.int64, device=x.device)
+    scores = torch.empty(t, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(h)
+    _norm_route_kernel[(t,)](x, residual, norm_weight, router_weight, ids, scores, a, a1_scale, y8, shared_scale,
+                             x.stride(0), residual.stride(0), router_weight.stride(0), a.stride(0), y8.stride(0),
+                             h, eps, E=num_experts, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block,
+                             num_warps=8 if block >= 4096 else 4)
+    return a, ids, scores, y8
 
 
 def glu_decode(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | None, a_scale: torch.Tensor | None,

@@ -24,6 +24,8 @@ only on the grid size, never on context lengths, so a CUDA graph captured once s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -71,12 +73,13 @@ def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_h
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, K, V, Out, OutScale, Part, PartML, block_tables, seq_lens, query_start, tile_req, tile_tok,
+    Q, K, V, Out, OutScale, Part, PartML, Counter, block_tables, seq_lens, query_start, tile_req, tile_tok,
     scale, k_scale, v_scale, window,
     stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_bt,
     GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
     PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -141,12 +144,49 @@ def _paged_attn_kernel(
         tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc)
         tl.store(PartML + (base + rows) * 2, m_i)
         tl.store(PartML + (base + rows) * 2 + 1, l_i)
+        if FUSED_COMBINE:  # the last split of this (tile, kv head) to finish merges them all
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            cell = Counter + tile * tl.num_programs(1) + kv_head
+            if tl.atomic_add(cell, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                tl.store(cell, 0)  # reset for the next launch (stream order: no launch is in flight)
+                _combine_tile(Part, PartML, Out, OutScale, Q, tile * tl.num_programs(1) + kv_head,
+                              q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh, BLOCK_M, HEAD_DIM, BLOCK_D,
+                              NUM_SPLITS, HAS_OUT_SCALE)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if HAS_OUT_SCALE:
             out = round_e4m3(out.to(out_ty).to(tl.float32) / tl.load(OutScale))
         o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_tile(Part, PartML, Out, OutScale, Qref, cell, q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  HAS_OUT_SCALE: tl.constexpr):
+    """Merge the NUM_SPLITS partial results of one (tile, kv head) `cell` and store the output (loads through L2:
+    in the fused path other programs wrote the partials during this launch)."""
+    # all splits' (m, l) in one load, then the partial outputs in an unrolled loop (independent loads in flight
+    # together: the combine is latency-bound, not bandwidth-bound)
+    sp = tl.arange(0, NUM_SPLITS)
+    first = cell * NUM_SPLITS
+    ml = PartML + ((first + sp)[:, None] * BLOCK_M + rows[None, :]) * 2
+    m_all = tl.load(ml, cache_modifier=".cg")  # [NUM_SPLITS, BLOCK_M]
+    l_all = tl.load(ml + 1, cache_modifier=".cg")
+    m = tl.max(m_all, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_all = tl.math.exp2(m_all - m_safe[None, :])  # m is in base-2 units
+    l_sum = tl.sum(w_all * l_all, 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        base = (first + s) * BLOCK_M
+        w = tl.math.exp2(tl.load(PartML + (base + rows) * 2, cache_modifier=".cg") - m_safe)
+        acc += w[:, None] * tl.load(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    if HAS_OUT_SCALE:
+        out = round_e4m3(out.to(Qref.dtype.element_ty).to(tl.float32) / tl.load(OutScale))
+    o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -163,28 +203,28 @@ def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, ti
     tok = tok0 + rows // GROUP
     head = kv_head * GROUP + rows % GROUP
     row_ok = (rows < TOK_PER_TILE * GROUP) & (tok < q_len)
-    d = tl.arange(0, BLOCK_D)
-    # all splits' (m, l) in one load, then the partial outputs in an unrolled loop (independent loads in flight
-    # together: the combine is latency-bound, not bandwidth-bound)
-    sp = tl.arange(0, NUM_SPLITS)
-    first = (tile * tl.num_programs(1) + kv_head) * NUM_SPLITS
-    ml = PartML + ((first + sp)[:, None] * BLOCK_M + rows[None, :]) * 2
-    m_all = tl.load(ml)  # [NUM_SPLITS, BLOCK_M]
-    l_all = tl.load(ml + 1)
-    m = tl.max(m_all, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_all = tl.math.exp2(m_all - m_safe[None, :])  # m is in base-2 units
-    l_sum = tl.sum(w_all * l_all, 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        base = (first + s) * BLOCK_M
-        w = tl.math.exp2(tl.load(PartML + (base + rows) * 2) - m_safe)
-        acc += w[:, None] * tl.load(Part + (base + rows)[:, None] * BLOCK_D + d[None, :])
-    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    if HAS_OUT_SCALE:
-        out = round_e4m3(out.to(Qref.dtype.element_ty).to(tl.float32) / tl.load(OutScale))
-    o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+    _combine_tile(Part, PartML, Out, OutScale, Qref, tile * tl.num_programs(1) + kv_head, q_start, tok, head,
+                  row_ok, rows, tl.arange(0, BLOCK_D), stride_ot, stride_oh, BLOCK_M, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                  HAS_OUT_SCALE)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, cells: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counters for the fused split-KV combine (one per (tile, kv head); every launch leaves
+    them zero again), one buffer per device made outside CUDA-graph capture (the warm-up run before a capture
+    makes it); None while capturing without one, or with LLAMASERVE_ATTN_FUSED_COMBINE=0: then the separate
+    combine kernel runs."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < cells:
+        if os.environ.get("LLAMASERVE_ATTN_FUSED_COMBINE", "1") == "0" or (
+                device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        buf = _COUNTERS[device] = torch.zeros(max(cells, 256), dtype=torch.int32, device=device)
+    elif os.environ.get("LLAMASERVE_ATTN_FUSED_COMBINE", "1") == "0":
+        return None
+    return buf
 
 
 def num_splits_for(num_programs: int, max_query_len: int) -> int:
@@ -269,9 +309,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                            device=q.device)
         part_ml = torch.empty((n_tiles * num_kv_heads * num_splits * block_m, 2), dtype=torch.float32,
                               device=q.device)
+    counters = split_counters(q.device, n_tiles * num_kv_heads) if num_splits > 1 else None
     grid = (n_tiles, num_kv_heads, num_splits)
     _paged_attn_kernel[grid](
-        q, k, v, out, out_scale if out_scale is not None else q, part, part_ml, block_tables, seq_lens,
+        q, k, v, out, out_scale if out_scale is not None else q, part, part_ml,
+        counters if counters is not None else seq_lens, block_tables, seq_lens,
         query_start_loc, tile_req, tile_tok,
         scale, k_scale, v_scale, chunk_size or sliding_window,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -279,10 +321,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
-        LOCAL=1 if chunk_size else 2 if sliding_window else 0,
+        LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
         **launch,
     )
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         _combine_kernel[(n_tiles, num_kv_heads)](
             part, part_ml, out, out_scale if out_scale is not None else q, q, query_start_loc, tile_req, tile_tok,
             out.stride(0), out.stride(1), GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m,

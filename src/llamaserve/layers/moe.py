@@ -250,6 +250,47 @@ class Llama4MoE(nn.Module):
             return PendingSum(self.experts.forward_logits(x, logits, self.top_k), join)
         return self.experts.forward_logits(x, logits, self.top_k, shared=join)
 
+    def norm_route_fusable(self, x: torch.Tensor, shared_scale: torch.Tensor | None) -> bool:
+        """Whether this step can take `forward_norm_route`: a decode-sized step with the Triton backend,
+        top-1, FP8 experts with static input scales (not calibrating), the shared expert's static FP8 input scale,
+        at most 64 experts. LLAMASERVE_FUSED_NORM_ROUTE=0 turns it off."""
+        from llamaserve.kernels import moe_decode
+
+        ex = self.experts
+        return (ex.backend == "triton" and self.top_k == 1 and isinstance(ex, FusedExperts)
+                and ex.fp8 and ex._calib is None and ex.gate_up_proj_input_scale is not None
+                and shared_scale is not None and ex.num_experts <= 64 and 0 < x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
+                and os.environ.get("LLAMASERVE_FUSED_NORM_ROUTE", "1") != "0")
+
+    def forward_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
+                           shared_scale: torch.Tensor) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
+        """The post-attention norm and this MoE for a decode step (`norm_route_fusable`): the norm, router and
+        routing in one kernel (kernels/moe_decode.py `norm_route`), then the shared expert on the side stream and
+        the routed experts' two GEMMs. Returns (a `PendingSum`, or the sum on one stream; the new residual)."""
+        from llamaserve.kernels import moe_decode
+
+        ex = self.experts
+        gs, ds = ex._weight_scales()
+        residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
+        a, ids, _, x8 = moe_decode.norm_route(x, residual, norm.weight, norm.eps, self.router.weight,
+                                              ex.gate_up_proj_input_scale, shared_scale)
+
+        def routed(shared=None) -> torch.Tensor:
+            return moe_decode.experts_decode(a, ids, ex.gate_up_proj, ex.down_proj, ex.gate_up_proj_input_scale,
+                                             gs, ds, ex.down_proj_input_scale, x, shared)
+        side = _side_stream(x.device)
+        if side is None:
+            return routed(self._shared(x8, x, True)), residual
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared_out = self._shared(x8, x, True)
+
+        def join() -> torch.Tensor:
+            main.wait_stream(side)
+            return shared_out
+        return PendingSum(routed(), join), residual
+
     def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """The shared expert; at decode size with a pre-quantized FP8 input its gate-up and SiLU run as one
         kernel (kernels/moe_decode.py `glu_decode`), the down projection on cuBLAS."""
