@@ -11,7 +11,10 @@ weights rotated so none is re-read from L2), against cuBLAS and the HBM copy cei
 - Scout's dense FP8 layers at one token (qkv, o, shared gate-up / down): cuBLAS `_scaled_mm` against the decode
   kernel as a one-expert MoE GEMM.
 - attention at batch 1 (40 query / 8 KV heads, FP8 KV, 256 and 2,048 tokens of context) by split-KV count;
-  RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel.
+  RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel;
+  the routing front (RMSNorm + router + route-and-scale) as three kernels and as `norm_route`.
+- attention launch sweep at batch 1: split count, merge in the last program or the combine kernel, key tile,
+  warps. SMALL_ONLY=1 stops after these small kernels.
 """
 
 from __future__ import annotations
@@ -153,6 +156,19 @@ def small(res: dict) -> None:
                                             tiles=tiles, num_splits=splits)] * 8)
         res.setdefault("attention_b1_us_by_splits", {})[ctx] = row
         print("attention ctx", ctx, row, flush=True)
+        sweep = []  # launch sweep: splits x merge (fused in the last program / combine kernel) x tile x warps
+        for splits in (1, 4, 8, 16):
+            for fused in ((True, False) if splits > 1 else (False,)):
+                os.environ["LLAMASERVE_ATTN_FUSED_COMBINE"] = "1" if fused else "0"
+                for bn, nw in itertools.product((32, 64, 128), (1, 2, 4, 8)):
+                    us = graph_us([partial(paged_attention, q, cache, tables, seq_lens, qsl, [1], bs, d**-0.5,
+                                           tiles=tiles, num_splits=splits,
+                                           launch={"BLOCK_N": bn, "num_warps": nw})] * 8)
+                    sweep.append({"splits": splits, "fused": fused, "BLOCK_N": bn, "num_warps": nw, "us": us})
+        os.environ.pop("LLAMASERVE_ATTN_FUSED_COMBINE")
+        sweep.sort(key=lambda r: r["us"])
+        res.setdefault("attention_b1_sweep", {})[ctx] = sweep
+        print("attention sweep ctx", ctx, sweep[:6], flush=True)
     x = torch.randn(1, H, dtype=torch.bfloat16, device="cuda")
     r = torch.randn(1, H, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(H, dtype=torch.bfloat16, device="cuda")
@@ -168,6 +184,29 @@ def small(res: dict) -> None:
     res["router_us"] = {"cublas": graph_us([partial(torch.matmul, x, wr.t())] * 8),
                         "kernel": graph_us([partial(md.router_logits, x, wr)] * 8)}
     print("rms_norm", row, "router", res["router_us"], flush=True)
+    # the decode MoE's routing front: RMSNorm (+ FP8 copy), router, route-and-scale as three kernels, or norm_route
+    from llamaserve.device_utils import arrival_counters
+
+    s8 = torch.full((), 0.01, device="cuda")
+    counters = arrival_counters(x.device, "bench", 1)
+
+    ids = torch.empty(1, dtype=torch.int64, device="cuda")
+    scores = torch.empty(1, dtype=torch.float32, device="cuda")
+    a = torch.empty(1, H, dtype=FP8, device="cuda")
+
+    def three() -> None:
+        from llamaserve.kernels.norm_act import rms_norm
+
+        yb, _ = rms_norm(x, w, 1e-5, r, fp8_copy=s8)
+        lg = md.router_logits(yb, wr)
+        md._route_scale_kernel[(1, triton.cdiv(H, 1024))](yb, lg, ids, scores, s8, a, H, E, H, H, E=E,
+                                                          FROM_LOGITS=True, QUANT=True, BLOCK_E=E, BLOCK=1024)
+
+    res["route_front_us"] = {
+        "three_kernels": graph_us([three] * 8),
+        "norm_route": graph_us([partial(md.norm_route, x, r, w, 1e-5, wr, s8, s8, counters)] * 8),
+    }
+    print("route front", res["route_front_us"], flush=True)
 
 
 def main() -> None:
@@ -175,6 +214,10 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(0), "hbm_copy_TBps": copy_bw()}
     quick = os.environ.get("QUICK") == "1"
     small(res)
+    if os.environ.get("SMALL_ONLY") == "1":
+        with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return
     moe_gemms(res, res["hbm_copy_TBps"], quick)
     dense(res)
     with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:

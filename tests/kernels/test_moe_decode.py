@@ -260,7 +260,9 @@ def test_norm_route_matches_norm_router_and_routing(t, h, e, device):
     ids_want, scores_want = _route(logits, dtype)
     a_want = quantize_fp8((y * scores_want).to(dtype), s1).float()
     r = residual.clone()
-    a, ids, scores, y8 = moe_decode.norm_route(x, r, norm.weight, 1e-5, w, s1, s8)
+    counters = torch.zeros(t, dtype=torch.int32, device=device)
+    a, ids, scores, y8 = moe_decode.norm_route(x, r, norm.weight, 1e-5, w, s1, s8, counters)
+    assert not counters.any()  # left zero for the next launch
     assert torch.equal(r, r_want)
     assert torch.equal(ids, ids_want.reshape(-1))
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # the logits' summation order: one bf16 rounding at most

@@ -63,35 +63,39 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 
 
 @triton.jit
-def _norm_route_kernel(X, R, NW, RW, Ids, Scores, A, S1, Y8, S8, stride_x, stride_r, stride_rw, stride_a, stride_y8,
-                       H, eps, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per token: r = x + residual (written back), y = RMSNorm(r) (as kernels/norm_act.py), y in FP8
-    for the shared expert (S8), the router's logits y . W_e (rounded to the model dtype), the first largest, its
-    sigmoid score, and A = y * score in FP8 (S1) for the routed expert."""
+def _norm_route_kernel(X, R, NW, RW, Logits, Counter, Ids, Scores, A, S1, Y8, S8, stride_x, stride_r, stride_rw,
+                       stride_a, stride_y8, H, eps, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (t, e): y = RMSNorm(x + residual) of token t (as kernels/norm_act.py) and the router's logit
+    y . W_e (rounded to the model dtype). The last of the token's E programs to finish (an arrival counter)
+    takes the first largest logit and its sigmoid score, and writes x + residual back, y in FP8 for the shared
+    expert (S8) and A = y * score in FP8 (S1) for the routed expert."""
     t = tl.program_id(0)
+    e = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
     x = x + tl.load(R + t * stride_r + cols, mask=mask, other=0.0)
-    tl.store(R + t * stride_r + cols, x, mask=mask)
     h = x.to(tl.float32)
     h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
     y = tl.load(NW + cols, mask=mask, other=0.0) * h.to(x.dtype)
     yf = y.to(tl.float32)
-    tl.store(Y8 + t * stride_y8 + cols, round_e4m3(yf / tl.load(S8)).to(Y8.dtype.element_ty), mask=mask)
-    ee = tl.arange(0, BLOCK_E)
-    lg = tl.full([BLOCK_E], float("-inf"), tl.float32)
-    for e in range(E):
-        w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)
-        v = tl.sum(yf * w.to(tl.float32), 0).to(X.dtype.element_ty).to(tl.float32)
-        lg = tl.where(ee == e, v, lg)
-    best = tl.max(lg, axis=0)
-    idx = tl.min(tl.where(lg == best, ee, BLOCK_E), axis=0)
-    score = tl.sigmoid(best).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Ids + t, idx.to(Ids.dtype.element_ty))
-    tl.store(Scores + t, score)
-    a = (yf * score).to(X.dtype.element_ty)
-    tl.store(A + t * stride_a + cols, round_e4m3(a.to(tl.float32) / tl.load(S1)).to(A.dtype.element_ty), mask=mask)
+    w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)
+    tl.store(Logits + t * E + e, tl.sum(yf * w.to(tl.float32), 0).to(X.dtype.element_ty).to(tl.float32))
+    tl.debug_barrier()  # the logit store (and every read of R) precede the release below
+    if tl.atomic_add(Counter + t, 1, sem="acq_rel", scope="gpu") == E - 1:
+        tl.store(Counter + t, 0)  # reset for the next launch
+        ee = tl.arange(0, BLOCK_E)
+        lg = tl.load(Logits + t * E + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
+        best = tl.max(lg, axis=0)
+        idx = tl.min(tl.where(lg == best, ee, BLOCK_E), axis=0)
+        score = tl.sigmoid(best).to(X.dtype.element_ty).to(tl.float32)
+        tl.store(Ids + t, idx.to(Ids.dtype.element_ty))
+        tl.store(Scores + t, score)
+        tl.store(R + t * stride_r + cols, x, mask=mask)  # every program of the token has read R by now
+        tl.store(Y8 + t * stride_y8 + cols, round_e4m3(yf / tl.load(S8)).to(Y8.dtype.element_ty), mask=mask)
+        a = (yf * score).to(X.dtype.element_ty)
+        tl.store(A + t * stride_a + cols, round_e4m3(a.to(tl.float32) / tl.load(S1)).to(A.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -268,11 +272,12 @@ def experts_decode(a: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, do
 
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-               router_weight: torch.Tensor, a1_scale: torch.Tensor, shared_scale: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               router_weight: torch.Tensor, a1_scale: torch.Tensor, shared_scale: torch.Tensor,
+               counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decode step's post-attention RMSNorm, router and top-1 routing in one kernel (Llama 4 with FP8 experts
     and static input scales): residual += x in place; returns (A [T, H] FP8 = norm * score / a1_scale, ids [T],
-    scores [T], the norm output in FP8 with `shared_scale` for the shared expert). At one token on the H200 it
+    scores [T], the norm output in FP8 with `shared_scale` for the shared expert). One program per (token,
+    expert); `counters`: at least T zeroed int32 (device_utils.arrival_counters), left zero. At one token it
     replaces three kernels (RMSNorm, router, route-and-scale)."""
     t, h = x.shape
     assert 0 < t <= DECODE_MAX_PAIRS
@@ -281,11 +286,12 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     y8 = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
     ids = torch.empty(t, dtype=torch.int64, device=x.device)
     scores = torch.empty(t, dtype=torch.float32, device=x.device)
+    logits = torch.empty((t, num_experts), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(h)
-    _norm_route_kernel[(t,)](x, residual, norm_weight, router_weight, ids, scores, a, a1_scale, y8, shared_scale,
-                             x.stride(0), residual.stride(0), router_weight.stride(0), a.stride(0), y8.stride(0),
-                             h, eps, E=num_experts, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block,
-                             num_warps=8 if block >= 4096 else 4)
+    _norm_route_kernel[(t, num_experts)](
+        x, residual, norm_weight, router_weight, logits, counters, ids, scores, a, a1_scale, y8, shared_scale,
+        x.stride(0), residual.stride(0), router_weight.stride(0), a.stride(0), y8.stride(0), h, eps,
+        E=num_experts, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return a, ids, scores, y8
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.device_utils import h2d
+from llamaserve.device_utils import arrival_counters, h2d
 from llamaserve.kernels.norm_act import round_e4m3
 
 
@@ -208,23 +208,12 @@ def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, ti
                   HAS_OUT_SCALE)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
 def split_counters(device: torch.device, cells: int) -> torch.Tensor | None:
-    """Zeroed int32 arrival counters for the fused split-KV combine (one per (tile, kv head); every launch leaves
-    them zero again), one buffer per device made outside CUDA-graph capture (the warm-up run before a capture
-    makes it); None while capturing without one, or with LLAMASERVE_ATTN_FUSED_COMBINE=0: then the separate
-    combine kernel runs."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < cells:
-        if os.environ.get("LLAMASERVE_ATTN_FUSED_COMBINE", "1") == "0" or (
-                device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return None
-        buf = _COUNTERS[device] = torch.zeros(max(cells, 256), dtype=torch.int32, device=device)
-    elif os.environ.get("LLAMASERVE_ATTN_FUSED_COMBINE", "1") == "0":
+    """Arrival counters for the fused split-KV merge (one per (tile, kv head)), or None for the separate
+    combine kernel: while capturing without a buffer, or with LLAMASERVE_ATTN_FUSED_COMBINE=0."""
+    if os.environ.get("LLAMASERVE_ATTN_FUSED_COMBINE", "1") == "0":
         return None
-    return buf
+    return arrival_counters(device, "attention", cells)
 
 
 def num_splits_for(num_programs: int, max_query_len: int) -> int:

@@ -257,23 +257,28 @@ class Llama4MoE(nn.Module):
         from llamaserve.kernels import moe_decode
 
         ex = self.experts
+        from llamaserve.device_utils import arrival_counters
+
         return (ex.backend == "triton" and self.top_k == 1 and isinstance(ex, FusedExperts)
                 and ex.fp8 and ex._calib is None and ex.gate_up_proj_input_scale is not None
                 and shared_scale is not None and ex.num_experts <= 64 and 0 < x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
-                and os.environ.get("LLAMASERVE_FUSED_NORM_ROUTE", "1") != "0")
+                and os.environ.get("LLAMASERVE_FUSED_NORM_ROUTE", "1") != "0"
+                and arrival_counters(x.device, "router", x.shape[0]) is not None)
 
     def forward_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                            shared_scale: torch.Tensor) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
         """The post-attention norm and this MoE for a decode step (`norm_route_fusable`): the norm, router and
         routing in one kernel (kernels/moe_decode.py `norm_route`), then the shared expert on the side stream and
         the routed experts' two GEMMs. Returns (a `PendingSum`, or the sum on one stream; the new residual)."""
+        from llamaserve.device_utils import arrival_counters
         from llamaserve.kernels import moe_decode
 
         ex = self.experts
         gs, ds = ex._weight_scales()
         residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
         a, ids, _, x8 = moe_decode.norm_route(x, residual, norm.weight, norm.eps, self.router.weight,
-                                              ex.gate_up_proj_input_scale, shared_scale)
+                                              ex.gate_up_proj_input_scale, shared_scale,
+                                              arrival_counters(x.device, "router", x.shape[0]))
 
         def routed(shared=None) -> torch.Tensor:
             return moe_decode.experts_decode(a, ids, ex.gate_up_proj, ex.down_proj, ex.gate_up_proj_input_scale,
