@@ -18,8 +18,11 @@ visible key, and every key block is masked.
 
 Split-KV (decode steps with few programs, e.g. batch 1): the context of each tile is cut into `num_splits`
 equal ranges, one program each (grid axis 2); each writes its unnormalized partial output with its running max
-and sum to a workspace, and `_combine_kernel` merges them (the flash-decoding reduction). The split count depends
-only on the grid size, never on context lengths, so a CUDA graph captured once serves every context length.
+and sum to a workspace, and they are merged (the flash-decoding reduction) by the last split program of each
+(tile, KV head) to finish, which an arrival counter names (device_utils.arrival_counters; no second launch), or
+by `_combine_kernel` (LLAMASERVE_ATTN_FUSED_COMBINE=0, or while capturing a CUDA graph before a counter buffer
+exists). The split count depends only on the grid size, never on context lengths, so a CUDA graph captured
+once serves every context length.
 """
 
 from __future__ import annotations
@@ -276,10 +279,18 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     k, v = kv_cache[0], kv_cache[1]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     decode = max(query_lens, default=1) == 1
-    # defaults from the H200 sweep (benchmarks/kernels_bench.py, SWEEP=1): decode is bandwidth-bound (bf16 KV:
-    # 64-key tiles, 4 warps, 2 stages; FP8 KV: 32-key tiles, 1 warp, 3 stages); prefill: 128 x 128 tiles,
+    n_tiles = tile_req.numel()
+    if num_splits is None:
+        num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1))
+    counters = split_counters(q.device, n_tiles * num_kv_heads) if num_splits > 1 else None
+    # defaults from the H200 sweeps: decode is bandwidth-bound (benchmarks/kernels_bench.py, SWEEP=1; bf16 KV:
+    # 64-key tiles, 4 warps, 2 stages; FP8 KV: 32-key tiles, 1 warp, 3 stages), except split FP8 decodes merged
+    # in the kernel (batch 1 of Llama 4 Scout, benchmarks/decode_bench.py: 64-key tiles, 8 warps: 7.4 / 8.7 us at
+    # 256 / 2,048 tokens against 11.2 / 15.3 with 1 warp and the combine kernel); prefill: 128 x 128 tiles,
     # 8 warps, 3 stages
-    if decode:
+    if decode and fp8 and counters is not None:
+        block_n, warps, stages = 64, 8, 3
+    elif decode:
         block_n, warps, stages = (32, 1, 3) if fp8 else (64, 4, 2)
     else:
         block_n, warps, stages = 128, 8, 3
@@ -288,9 +299,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     launch.setdefault("num_warps", warps)
     launch.setdefault("num_stages", stages)
     block_n = launch.pop("BLOCK_N", block_n)
-    n_tiles = tile_req.numel()
-    if num_splits is None:
-        num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1))
     block_d = triton.next_power_of_2(head_dim)
     part = part_ml = q  # unused without splits
     if num_splits > 1:
@@ -298,7 +306,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                            device=q.device)
         part_ml = torch.empty((n_tiles * num_kv_heads * num_splits * block_m, 2), dtype=torch.float32,
                               device=q.device)
-    counters = split_counters(q.device, n_tiles * num_kv_heads) if num_splits > 1 else None
     grid = (n_tiles, num_kv_heads, num_splits)
     _paged_attn_kernel[grid](
         q, k, v, out, out_scale if out_scale is not None else q, part, part_ml,

@@ -15,33 +15,27 @@ import torch
 import triton
 import triton.language as tl
 
-PREFETCH_PROGRAMS = 64  # half the SMs: attention's programs keep the rest
+BLOCK_WORDS = 4096  # 16 KB per program, one load each: a copy-like grid that streams at HBM speed
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-_SINKS: dict[torch.device, torch.Tensor] = {}
+_SINKS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
-def _l2_prefetch_kernel(W, Sink, n, per_program, BLOCK: tl.constexpr):
+def _l2_prefetch_kernel(W, Sink, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.int32)
-    start = pid * per_program
-    for i in range(0, per_program, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        acc ^= tl.load(W + offs, mask=(offs < n) & (i + tl.arange(0, BLOCK) < per_program), other=0,
-                       eviction_policy="evict_last")
-    tl.store(Sink + pid, tl.xor_sum(acc, axis=0))
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    words = tl.load(W + offs, mask=offs < n, other=0, eviction_policy="evict_last")
+    tl.store(Sink + pid, tl.xor_sum(words, axis=0))
 
 
-def l2_checksum(w: torch.Tensor, programs: int = PREFETCH_PROGRAMS, sink: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """Read `w` (contiguous, a multiple of 4 bytes) through L2 with evict_last; returns the per-program XOR of its
-    32-bit words ([programs] int32)."""
+def l2_checksum(w: torch.Tensor, block: int = BLOCK_WORDS, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """Read `w` (contiguous, a multiple of 4 bytes) through L2 with evict_last, `block` 32-bit words per program;
+    returns each program's XOR of its words ([cdiv(words, block)] int32)."""
     words = w.reshape(-1).view(torch.int32)
     n = words.numel()
+    programs = triton.cdiv(n, block)
     sink = sink if sink is not None else torch.empty(programs, dtype=torch.int32, device=w.device)
-    block = 2048
-    per_program = triton.cdiv(triton.cdiv(n, programs), block) * block
-    _l2_prefetch_kernel[(programs,)](words, sink, n, per_program, BLOCK=block, num_warps=4)
+    _l2_prefetch_kernel[(programs,)](words, sink, n, BLOCK=block, num_warps=4)
     return sink
 
 
@@ -53,10 +47,12 @@ def prefetch_l2(w: torch.Tensor) -> Callable[[], None] | None:
     index = w.device.index if w.device.index is not None else torch.cuda.current_device()
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(device=index)
-    if w.device not in _SINKS:
-        _SINKS[w.device] = torch.empty(PREFETCH_PROGRAMS, dtype=torch.int32, device=w.device)
+    programs = triton.cdiv(w.numel() * w.element_size() // 4, BLOCK_WORDS)
+    key = (w.device, programs)
+    if key not in _SINKS:
+        _SINKS[key] = torch.empty(programs, dtype=torch.int32, device=w.device)
     side, main = _STREAMS[index], torch.cuda.current_stream(w.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        l2_checksum(w, sink=_SINKS[w.device])
+        l2_checksum(w, sink=_SINKS[key])
     return lambda: main.wait_stream(side)
