@@ -14,7 +14,8 @@ weights rotated so none is re-read from L2), against cuBLAS and the HBM copy cei
   RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel;
   the routing front (RMSNorm + router + route-and-scale) as three kernels and as `norm_route`.
 - attention launch sweep at batch 1: split count, merge in the last program or the combine kernel, key tile,
-  warps. SMALL_ONLY=1 stops after these small kernels.
+  warps. SMALL_ONLY=1 stops after these small kernels; DENSE_ONLY=1 times the dense layers alone, and
+  DENSE_SWEEP=1 sweeps the decode GEMM's launch space on them.
 """
 
 from __future__ import annotations
@@ -126,15 +127,22 @@ def dense(res: dict) -> None:
         glu = name == "shared_gate_up"
         nn_ = n // 2 if glu else n
         out = torch.empty(1, nn_, dtype=FP8 if glu else torch.bfloat16, device="cuda")
-        for cfg in ({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
-                    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4},
-                    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 6}):
+        configs = [{"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+                   {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4},
+                   {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 6}]
+        if os.environ.get("DENSE_SWEEP") == "1" and not glu:  # the decode GEMM's launch space, within SMEM
+            configs = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": st}
+                       for bn, bk, nw, st in itertools.product((16, 32, 64), (128, 256, 512), (2, 4), (3, 4, 6))
+                       if st * bk * (16 + bn) <= md.SMEM_BYTES]
+        for cfg in configs:
             key = "triton_bn{BLOCK_N}_bk{BLOCK_K}_w{num_warps}_s{num_stages}".format(**cfg)
             row[key] = graph_us([partial(md._gemm, x, w, out, ids, nn_, glu, s, one, ref,
                                          out_scale=s if glu else None, config=cfg) for w in ws])
+        best = min((k_ for k_ in row if k_.startswith("triton")), key=row.get)
+        row["best_triton"] = [best, row[best], round(n * k / row[best] / 1e6, 3)]
         row["TBps_cublas"] = round(n * k / row["cublas"] / 1e6, 3)
         res.setdefault("dense_m1_us", {})[name] = row
-        print("dense", name, row, flush=True)
+        print("dense", name, {k_: v for k_, v in row.items() if not k_.startswith("triton_")}, flush=True)
 
 
 def small(res: dict) -> None:
@@ -213,6 +221,11 @@ def main() -> None:
     torch.manual_seed(0)
     res: dict = {"device": torch.cuda.get_device_name(0), "hbm_copy_TBps": copy_bw()}
     quick = os.environ.get("QUICK") == "1"
+    if os.environ.get("DENSE_ONLY") == "1":  # with DENSE_SWEEP=1: the dense layers' launch sweep alone
+        dense(res)
+        with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return
     small(res)
     if os.environ.get("SMALL_ONLY") == "1":
         with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:

@@ -5,6 +5,7 @@
     # writes $OUT/profile_b{N}[_fp8][_p{prompt_len}].json; "fp8" = --quantization fp8 --kv-cache-dtype fp8,
     # "nvfp4" = --quantization nvfp4 --kv-cache-dtype fp8
     # MODEL=llama-4-scout (a preset; default llama-3.1-8b) profiles another model, named in the file
+    # TIMELINE=1 adds the GPU timeline of the last 2 profiled steps ("timeline": name, stream, start, duration)
 
 Runs `batch_size` requests of 128 prompt tokens to steady decode, times 20 decode steps without the profiler
 ("step_wall_unprofiled_ms"), then profiles 20 more. GPU kernel time
@@ -98,11 +99,30 @@ def profile_batch(llm: LLM, model: str, batch: int, quant: str | None, plen: int
     res["top_kernels"] = [(e.key[:80], round((getattr(e, "self_device_time_total", 0) or 0) / 1e3 / steps, 4))
                           for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total",
                                                                                            0) or 0))[:25]]
-    print(json.dumps(res, indent=1))
+    if os.environ.get("TIMELINE") == "1":  # the GPU timeline of the last 2 profiled steps, kernels only
+        res["timeline"] = timeline(prof, 2)
+    print(json.dumps({k: v for k, v in res.items() if k != "timeline"}, indent=1))
     tag = "" if model == "llama-3.1-8b" else f"{model}_"
     name = f"profile_{tag}b{batch}{f'_{quant}' if quant else ''}{f'_p{plen}' if plen != 128 else ''}.json"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(res, f, indent=1)
+
+
+def timeline(prof, steps: int) -> list:
+    """[name, stream, start_us, dur_us] of every GPU kernel / memcpy in the last `steps` steps (from the chrome
+    trace; steps end at the per-step device-to-host copy), start relative to the first."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as g:
+            events = json.load(g)["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                 key=lambda e: e["ts"])
+    ends = [i for i, e in enumerate(gpu) if "DtoH" in e["name"]]
+    first = ends[-steps - 1] + 1 if len(ends) > steps else 0
+    t0 = gpu[first]["ts"]
+    return [[e["name"][:48], e.get("tid"), round(e["ts"] - t0, 2), round(e["dur"], 2)] for e in gpu[first:]]
 
 
 if __name__ == "__main__":
