@@ -14,8 +14,10 @@ weights rotated so none is re-read from L2), against cuBLAS and the HBM copy cei
   RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel;
   the routing front (RMSNorm + router + route-and-scale) as three kernels and as `norm_route`.
 - attention launch sweep at batch 1: split count, merge in the last program or the combine kernel, key tile,
-  warps. SMALL_ONLY=1 stops after these small kernels; DENSE_ONLY=1 times the dense layers alone, and
-  DENSE_SWEEP=1 sweeps the decode GEMM's launch space on them.
+  warps. DENSE_SWEEP=1 sweeps the decode GEMM's launch space on the dense layers.
+- the two down projections of the decode MoE (routed + shared expert): two launches against the paired kernel,
+  by launch config.
+PARTS=small,moe,dense,pair picks groups (default all).
 """
 
 from __future__ import annotations
@@ -217,22 +219,50 @@ def small(res: dict) -> None:
     print("route front", res["route_front_us"], flush=True)
 
 
+def pair_down(res: dict) -> None:
+    """The decode MoE's two down projections at one token: the routed expert's (16 rotated) and the shared
+    expert's as two launches (the decode kernel, then cuBLAS) against one paired kernel, by launch config."""
+    s = torch.ones((), device="cuda")
+    one = torch.ones(E, device="cuda")
+    ref = torch.empty(1, dtype=torch.bfloat16, device="cuda")
+    ids = torch.zeros(1, dtype=torch.int64, device="cuda")
+    act = torch.randn(1, INTER, device="cuda").to(FP8)
+    downs = [nk(E, H, INTER) for _ in range(2)]
+    shared = [((torch.rand(H, INTER, device="cuda") - 0.5) * 0.1).to(FP8) for _ in range(8)]
+    calls = [(downs[i % 2], torch.full_like(ids, i % E), shared[i % 8]) for i in range(16)]
+    row = {"two_launches": graph_us([
+        (lambda d=d, i=i, w=w: (md.experts_down(act, i, d, s, one, ref),
+                                torch._scaled_mm(act, w.t(), scale_a=s, scale_b=s, out_dtype=torch.bfloat16)))
+        for d, i, w in calls])}
+    configs = {}
+    for bn, bk, nw, st in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3, 4)):
+        if st * bk * 2 * (16 + bn) > md.SMEM_BYTES:
+            continue
+        md.PAIR_CONFIG = configs[f"pair_bn{bn}_bk{bk}_w{nw}_s{st}"] = {"BLOCK_N": bn, "BLOCK_K": bk,
+                                                                       "num_warps": nw, "num_stages": st}
+        row[f"pair_bn{bn}_bk{bk}_w{nw}_s{st}"] = graph_us([
+            partial(md.experts_down, act, i, d, s, one, ref, pair=(act, w, s, s)) for d, i, w in calls])
+    best = min((k for k in row if k.startswith("pair")), key=row.get)
+    row["best"] = [best, row[best], round(2 * H * INTER / row[best] / 1e6, 3)]
+    row["best_config"] = configs[best]
+    res["paired_down_us"] = row
+    print("paired down", row["two_launches"], row["best"], flush=True)
+
+
 def main() -> None:
+    """PARTS: which groups to run, comma-separated from small, moe, dense, pair (default: all)."""
     torch.manual_seed(0)
     res: dict = {"device": torch.cuda.get_device_name(0), "hbm_copy_TBps": copy_bw()}
     quick = os.environ.get("QUICK") == "1"
-    if os.environ.get("DENSE_ONLY") == "1":  # with DENSE_SWEEP=1: the dense layers' launch sweep alone
+    parts = os.environ.get("PARTS", "small,moe,dense,pair").split(",")
+    if "small" in parts:
+        small(res)
+    if "moe" in parts:
+        moe_gemms(res, res["hbm_copy_TBps"], quick)
+    if "dense" in parts:
         dense(res)
-        with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        return
-    small(res)
-    if os.environ.get("SMALL_ONLY") == "1":
-        with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        return
-    moe_gemms(res, res["hbm_copy_TBps"], quick)
-    dense(res)
+    if "pair" in parts:
+        pair_down(res)
     with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
 

@@ -272,10 +272,12 @@ def test_norm_route_matches_norm_router_and_routing(t, h, e, device):
         assert (diff > 0).float().mean() < 0.01 and (diff <= want.abs() / 8 + 2**-9).all()
 
 
+@pytest.mark.parametrize("paired", ["1", "0"])
 @pytest.mark.parametrize("t", [1, 4])
-def test_moe_forward_norm_route_matches_norm_then_moe(t, device, monkeypatch):
-    """Llama4MoE.forward_norm_route (the fused decode kernel, shared expert and routed GEMMs) against the
-    post-attention norm followed by the MoE's own decode path: the same residual and output."""
+def test_moe_forward_norm_route_matches_norm_then_moe(t, paired, device, monkeypatch):
+    """Llama4MoE.forward_norm_route (the fused decode kernel, shared expert and routed GEMMs; the two down
+    projections in one kernel or the shared one on its own) against the post-attention norm followed by the
+    MoE's own decode path: the same residual and output."""
     from llamaserve.layers.moe import PendingSum
     from llamaserve.layers.norm import RMSNorm
 
@@ -287,6 +289,8 @@ def test_moe_forward_norm_route_matches_norm_then_moe(t, device, monkeypatch):
     residual = torch.randn(t, 256, generator=gen).to(device, dtype)
     scale = moe.shared_expert.gate_up_proj.static_input_scale
     assert moe.norm_route_fusable(x, scale)
+    monkeypatch.setenv("LLAMASERVE_PAIRED_DOWN", paired)
+    assert moe._pair_down_ok() == (paired == "1")
     monkeypatch.setenv("LLAMASERVE_FUSED_NORM_ROUTE", "0")
     assert not moe.norm_route_fusable(x, scale)
     (y, y8), r_want = norm(x, residual.clone(), fp8_copy=scale)
@@ -296,3 +300,31 @@ def test_moe_forward_norm_route_matches_norm_then_moe(t, device, monkeypatch):
     assert torch.equal(r, r_want)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (out.float() - want.float()).norm() / want.float().norm() < tol
+
+
+@pytest.mark.parametrize("t,h,inter", [(1, 256, 128), (6, 96, 80)])
+def test_paired_down_adds_a_second_product(t, h, inter, device):
+    """experts_down with `pair`: the routed experts' down GEMM and a dense one (the shared expert's, stored [H, I])
+    in one kernel, each rounded to the model dtype before the sum, as two separate GEMMs and the add give it."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    e = 3
+    gen = torch.Generator().manual_seed(t + inter)
+    act = quantize_fp8(torch.randn(t, inter, generator=gen).to(device), torch.tensor(0.01, device=device))
+    act2 = quantize_fp8(torch.randn(t, inter, generator=gen).to(device), torch.tensor(0.02, device=device))
+    down = torch.randn(e, inter, h, generator=gen) * inter**-0.5
+    ds = down.abs().amax() / 448
+    dn8 = _nk(quantize_fp8(down.to(device), ds.to(device)))
+    w2 = torch.randn(h, inter, generator=gen) * inter**-0.5
+    w2s = (w2.abs().amax() / 448).to(device)
+    w28 = quantize_fp8(w2.to(device), w2s)
+    ids = torch.randint(0, e, (t,), generator=gen).to(device)
+    s_act, s_act2 = torch.tensor(0.01, device=device), torch.tensor(0.02, device=device)
+    ref = torch.empty(1, dtype=dtype, device=device)
+    dsv = ds.to(device).expand(e).contiguous()
+    routed = moe_decode.experts_down(act, ids, dn8, s_act, dsv, ref)
+    shared = ((act2.float() * s_act2) @ (w28.float() * w2s).t()).to(dtype)
+    want = (routed.float() + shared.float()).to(dtype)
+    got = moe_decode.experts_down(act, ids, dn8, s_act, dsv, ref, pair=(act2, w28, s_act2, w2s))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+    assert (got.float() - routed.float()).abs().max() > 10 * tol * want.abs().max()  # the pair counted

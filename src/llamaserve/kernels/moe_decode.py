@@ -99,11 +99,12 @@ def _norm_route_kernel(X, R, NW, RW, Logits, Counter, Ids, Scores, A, S1, Y8, S8
 
 
 @triton.jit
-def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pairs, N, K, up_off,
-                        stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
+def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, A2, W2, AScale2, WScale2, num_pairs, N, K,
+                        up_off, stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add, stride_a2,
+                        stride_w2k, stride_w2n,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
-                        SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        SINGLE: tl.constexpr, PAIR: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     if SINGLE:  # a dense layer: one "expert" for every row
@@ -120,8 +121,10 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + kk[None, :]
     w_ptrs = W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
+    a2_ptrs = A2 + rows[:, None] * stride_a2 + kk[None, :]  # PAIR: the second GEMM (same rows, N and K)
+    w2_ptrs = W2 + kk[:, None] * stride_w2k + cols[None, :].to(tl.int64) * stride_w2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # GLU: the up columns; PAIR: the second GEMM
     for k0 in range(0, K, BLOCK_K):
         if EVEN:
             a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
@@ -131,6 +134,14 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
             a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, w, input_precision=PREC)
+        if PAIR:
+            if EVEN:
+                a2 = tl.load(a2_ptrs + k0, mask=row_ok[:, None], other=0.0)
+                w2 = tl.load(w2_ptrs + k0 * stride_w2k)
+            else:
+                a2 = tl.load(a2_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w2 = tl.load(w2_ptrs + k0 * stride_w2k, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_u += tl.dot(a2, w2, input_precision=PREC)
         if GLU:  # the up columns sit `up_off` elements after the gate columns
             if EVEN:
                 wu = tl.load(w_ptrs + up_off + k0 * stride_wk)
@@ -140,7 +151,10 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
     if FP8:
         scale = tl.load(AScale) * tl.load(WScale + e)
         acc = acc * scale
-        acc_u = acc_u * scale
+        if PAIR:
+            acc_u = acc_u * (tl.load(AScale2) * tl.load(WScale2))
+        else:
+            acc_u = acc_u * scale
     mask = row_ok[:, None] & col_ok[None, :]
     dt = Ref.dtype.element_ty  # the model dtype, where the reference rounds
     if GLU:  # silu(gate) * up with the reference's roundings: GEMM output, silu, product
@@ -150,6 +164,8 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
             y = round_e4m3(y.to(tl.float32) / tl.load(OScale))
     else:
         y = acc.to(dt)
+        if PAIR:  # both GEMMs rounded to the model dtype, then summed as `shared + routed`
+            y = (y.to(tl.float32) + acc_u.to(dt).to(tl.float32)).to(dt)
         if ADD:  # the shared expert's output, added as the reference's `shared + routed` in the model dtype
             add = tl.load(Add + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0)
             y = (y.to(tl.float32) + add.to(tl.float32)).to(dt)
@@ -183,15 +199,22 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict:
+PAIR_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}  # see decode_config
+
+
+def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int, pair: bool = False) -> dict:
     """Launch parameters from the H200 sweep at one token (benchmarks/decode_bench.py, CUDA graphs, 16 experts
     rotated): gate-up with SiLU 32 + 32 columns per program, 128-wide K steps, 2 warps, 6 stages: 22.9 us for one
     Scout expert (3.66 TB/s; cuBLAS on the same matrix 22.4 us); down 64 columns, 512-wide K steps, 4 warps, 4
     stages: 14.9 us (2.81 TB/s; cuBLAS 13.5). Narrower K steps, then fewer stages, when the stages would not fit
     `SMEM_BYTES` (bf16 / fp32 operands) or K is small."""
-    block_n, block_k, warps, stages = (32, 128, 2, 6) if glu else (64, 512, 4, 4)
+    if pair:
+        block_n, block_k, warps, stages = (PAIR_CONFIG[key] for key in ("BLOCK_N", "BLOCK_K", "num_warps",
+                                                                      "num_stages"))
+    else:
+        block_n, block_k, warps, stages = (32, 128, 2, 6) if glu else (64, 512, 4, 4)
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    per_k = 16 * a_bytes + (2 if glu else 1) * block_n * w_bytes
+    per_k = (2 if pair else 1) * 16 * a_bytes + (2 if glu or pair else 1) * block_n * w_bytes
     while stages * block_k * per_k > SMEM_BYTES:
         if block_k > 128:
             block_k //= 2
@@ -204,20 +227,26 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int, glu: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
-          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
+          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None,
+          pair: tuple | None = None) -> None:
     """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n); ids None: every
-    row takes W[0] (a dense layer)."""
+    row takes W[0] (a dense layer). `pair` = (A2 [T, K], W2 [K, n] view, A2 scale, W2 scale): out also adds
+    A2 @ W2, each product rounded to the model dtype first (not with GLU)."""
     num_pairs, k = a.shape
-    cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
+    cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size(), pair is not None))
     fp8 = w.dtype == torch.float8_e4m3fn
     even = k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0
     grid = (num_pairs if ids is not None else 1, triton.cdiv(n, cfg["BLOCK_N"]))
     dummy = ids if ids is not None else a
+    a2, w2, s2a, s2w = pair if pair is not None else (a, w[0], dummy, dummy)
     _decode_gemm_kernel[grid](
         a, w, out, dummy, a_scale if fp8 else dummy, w_scale if fp8 else dummy, add if add is not None else dummy,
-        out_scale if out_scale is not None else dummy, ref, num_pairs, n, k, n * w.stride(2), a.stride(0),
+        out_scale if out_scale is not None else dummy, ref, a2, w2, s2a if fp8 else dummy, s2w if fp8 else dummy,
+        num_pairs, n, k, n * w.stride(2), a.stride(0),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
-        FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None, EVEN=even,
+        a2.stride(0), w2.stride(0), w2.stride(1),
+        FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None,
+        PAIR=pair is not None, EVEN=even,
         PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, **cfg)
 
 
@@ -258,16 +287,35 @@ def experts_decode(a: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, do
     experts) and ids [T] -> [T, H] in `ref`'s dtype, plus `shared` (s2 None with FP8 experts: dynamic)."""
     from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
 
-    t, h = a.shape
-    inter = gate_up.shape[2] // 2
-    fp8 = gate_up.dtype == torch.float8_e4m3fn
-    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else ref.dtype, device=a.device)
-    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, ref, out_scale=s2)
-    if fp8 and s2 is None:  # dynamic: the activation's amax first
+    act = experts_gate_up(a, ids, gate_up, s1, gate_up_scale, s2, ref)
+    if gate_up.dtype == torch.float8_e4m3fn and s2 is None:  # dynamic: the activation's amax first
         s2 = dynamic_scale(act)
         act = quantize_fp8(act, s2)
-    out = torch.empty((t, h), dtype=ref.dtype, device=a.device)
-    _gemm(act, down, out, ids, h, False, s2, down_scale, ref, add=shared() if callable(shared) else shared)
+    return experts_down(act, ids, down, s2, down_scale, ref, add=shared() if callable(shared) else shared)
+
+
+def experts_gate_up(a: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, s1: torch.Tensor | None,
+                    gate_up_scale: torch.Tensor | None, s2: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """silu(A W_gate) * (A W_up) of each token's expert: [T, I], FP8 with s2 when given, else `ref`'s dtype."""
+    inter = gate_up.shape[2] // 2
+    act = torch.empty((a.shape[0], inter), dtype=torch.float8_e4m3fn if s2 is not None else ref.dtype,
+                      device=a.device)
+    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, ref, out_scale=s2)
+    return act
+
+
+def experts_down(act: torch.Tensor, ids: torch.Tensor, down: torch.Tensor, s2: torch.Tensor | None,
+                 down_scale: torch.Tensor | None, ref: torch.Tensor, add: torch.Tensor | None = None,
+                 pair: tuple | None = None) -> torch.Tensor:
+    """act [T, I] @ down[ids] -> [T, H] in `ref`'s dtype, plus `add`, or plus a second product in the same
+    kernel: `pair` = (A2 [T, I], W2 [H, I] as a dense layer stores it, A2 scale, W2 scale) — Llama 4's shared
+    expert's down projection, so one launch streams both down matrices (no second stream, no join)."""
+    h = down.shape[2]
+    out = torch.empty((act.shape[0], h), dtype=ref.dtype, device=act.device)
+    if pair is not None:
+        a2, w2, a2_scale, w2_scale = pair
+        pair = (a2, w2.t(), a2_scale, w2_scale)
+    _gemm(act, down, out, ids, h, False, s2, down_scale, ref, add=add, pair=pair)
     return out
 
 
