@@ -11,13 +11,10 @@ weights rotated so none is re-read from L2), against cuBLAS and the HBM copy cei
 - Scout's dense FP8 layers at one token (qkv, o, shared gate-up / down): cuBLAS `_scaled_mm` against the decode
   kernel as a one-expert MoE GEMM.
 - attention at batch 1 (40 query / 8 KV heads, FP8 KV, 256 and 2,048 tokens of context) by split-KV count;
-  RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel;
-  the routing front (RMSNorm + router + route-and-scale) as three kernels and as `norm_route`.
+  RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel.
 - attention launch sweep at batch 1: split count, merge in the last program or the combine kernel, key tile,
   warps. DENSE_SWEEP=1 sweeps the decode GEMM's launch space on the dense layers.
-- the two down projections of the decode MoE (routed + shared expert): two launches against the paired kernel,
-  by launch config.
-PARTS=small,moe,dense,pair picks groups (default all).
+PARTS=small,moe,dense picks groups (default all).
 """
 
 from __future__ import annotations
@@ -194,75 +191,20 @@ def small(res: dict) -> None:
     res["router_us"] = {"cublas": graph_us([partial(torch.matmul, x, wr.t())] * 8),
                         "kernel": graph_us([partial(md.router_logits, x, wr)] * 8)}
     print("rms_norm", row, "router", res["router_us"], flush=True)
-    # the decode MoE's routing front: RMSNorm (+ FP8 copy), router, route-and-scale as three kernels, or norm_route
-    from llamaserve.device_utils import arrival_counters
-
-    s8 = torch.full((), 0.01, device="cuda")
-    counters = arrival_counters(x.device, "bench", 1)
-
-    ids = torch.empty(1, dtype=torch.int64, device="cuda")
-    scores = torch.empty(1, dtype=torch.float32, device="cuda")
-    a = torch.empty(1, H, dtype=FP8, device="cuda")
-
-    def three() -> None:
-        from llamaserve.kernels.norm_act import rms_norm
-
-        yb, _ = rms_norm(x, w, 1e-5, r, fp8_copy=s8)
-        lg = md.router_logits(yb, wr)
-        md._route_scale_kernel[(1, triton.cdiv(H, 1024))](yb, lg, ids, scores, s8, a, H, E, H, H, E=E,
-                                                          FROM_LOGITS=True, QUANT=True, BLOCK_E=E, BLOCK=1024)
-
-    res["route_front_us"] = {
-        "three_kernels": graph_us([three] * 8),
-        "norm_route": graph_us([partial(md.norm_route, x, r, w, 1e-5, wr, s8, s8, counters)] * 8),
-    }
-    print("route front", res["route_front_us"], flush=True)
-
-
-def pair_down(res: dict) -> None:
-    """The decode MoE's two down projections at one token: the routed expert's (16 rotated) and the shared
-    expert's as two launches (the decode kernel, then cuBLAS) against one paired kernel, by launch config."""
-    s = torch.ones((), device="cuda")
-    one = torch.ones(E, device="cuda")
-    ref = torch.empty(1, dtype=torch.bfloat16, device="cuda")
-    ids = torch.zeros(1, dtype=torch.int64, device="cuda")
-    act = torch.randn(1, INTER, device="cuda").to(FP8)
-    downs = [nk(E, H, INTER) for _ in range(2)]
-    shared = [((torch.rand(H, INTER, device="cuda") - 0.5) * 0.1).to(FP8) for _ in range(8)]
-    calls = [(downs[i % 2], torch.full_like(ids, i % E), shared[i % 8]) for i in range(16)]
-    row = {"two_launches": graph_us([
-        (lambda d=d, i=i, w=w: (md.experts_down(act, i, d, s, one, ref),
-                                torch._scaled_mm(act, w.t(), scale_a=s, scale_b=s, out_dtype=torch.bfloat16)))
-        for d, i, w in calls])}
-    configs = {}
-    for bn, bk, nw, st in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3, 4)):
-        if st * bk * 2 * (16 + bn) > md.SMEM_BYTES:
-            continue
-        md.PAIR_CONFIG = configs[f"pair_bn{bn}_bk{bk}_w{nw}_s{st}"] = {"BLOCK_N": bn, "BLOCK_K": bk,
-                                                                       "num_warps": nw, "num_stages": st}
-        row[f"pair_bn{bn}_bk{bk}_w{nw}_s{st}"] = graph_us([
-            partial(md.experts_down, act, i, d, s, one, ref, pair=(act, w, s, s)) for d, i, w in calls])
-    best = min((k for k in row if k.startswith("pair")), key=row.get)
-    row["best"] = [best, row[best], round(2 * H * INTER / row[best] / 1e6, 3)]
-    row["best_config"] = configs[best]
-    res["paired_down_us"] = row
-    print("paired down", row["two_launches"], row["best"], flush=True)
 
 
 def main() -> None:
-    """PARTS: which groups to run, comma-separated from small, moe, dense, pair (default: all)."""
+    """PARTS: which groups to run, comma-separated from small, moe, dense (default: all)."""
     torch.manual_seed(0)
     res: dict = {"device": torch.cuda.get_device_name(0), "hbm_copy_TBps": copy_bw()}
     quick = os.environ.get("QUICK") == "1"
-    parts = os.environ.get("PARTS", "small,moe,dense,pair").split(",")
+    parts = os.environ.get("PARTS", "small,moe,dense").split(",")
     if "small" in parts:
         small(res)
     if "moe" in parts:
         moe_gemms(res, res["hbm_copy_TBps"], quick)
     if "dense" in parts:
         dense(res)
-    if "pair" in parts:
-        pair_down(res)
     with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
 

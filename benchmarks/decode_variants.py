@@ -6,7 +6,6 @@
 For each variant the settings are put in the environment, batch 1's CUDA graph is captured again (the switches
 are read while a graph is captured), and one request of 128 prompt tokens decodes: 3 rounds of 40 steps timed
 with a device sync at each end (median reported), FP8 weights and FP8 KV cache (`--quantization fp8`).
-PAIR_CONFIG_FROM=decode_bench.json takes the paired down kernel's launch from a decode_bench.py sweep.
 """
 
 from __future__ import annotations
@@ -47,12 +46,6 @@ def main() -> None:
               max_batch_size=1, kv_cache_free_gpu_memory_fraction=0.5)
     runner = llm.engine.runner
     results = []
-    if os.environ.get("PAIR_CONFIG_FROM"):  # the paired down kernel's launch from a decode_bench.py sweep
-        from llamaserve.kernels import moe_decode
-
-        with open(os.environ["PAIR_CONFIG_FROM"]) as f:
-            moe_decode.PAIR_CONFIG = json.load(f)["paired_down_us"]["best_config"]
-        print("PAIR_CONFIG", moe_decode.PAIR_CONFIG, flush=True)
     for spec in sys.argv[1:] or ["default"]:
         env = dict(kv.split("=", 1) for kv in spec.split(",")) if spec != "default" else {}
         saved = {k: os.environ.get(k) for k in env}

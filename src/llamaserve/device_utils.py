@@ -23,16 +23,19 @@ def h2d(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 _COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers: a captured CUDA graph may still use them
 
 
 def arrival_counters(device: torch.device, key: str, n: int) -> torch.Tensor | None:
-    """At least `n` zeroed int32 counters for kernels whose last-arriving program finishes the work (split-KV
-    attention's merge, the decode router's top-1); such kernels leave them zero, so one buffer per (device, key)
+    """At least `n` zeroed int32 counters for a kernel whose last-arriving program finishes the work (split-KV
+    attention's merge, kernels/paged_attention.py); such kernels leave them zero, so one buffer per (device, key)
     serves every launch on a stream. Made outside CUDA-graph capture (the warm-up run before a capture makes it);
     None while capturing without one (the caller then takes its unfused path)."""
     buf = _COUNTERS.get((device, key))
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = _COUNTERS[(device, key)] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
     return buf

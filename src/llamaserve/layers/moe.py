@@ -250,88 +250,15 @@ class Llama4MoE(nn.Module):
             return PendingSum(self.experts.forward_logits(x, logits, self.top_k), join)
         return self.experts.forward_logits(x, logits, self.top_k, shared=join)
 
-    def norm_route_fusable(self, x: torch.Tensor, shared_scale: torch.Tensor | None) -> bool:
-        """Whether this step can take `forward_norm_route`: a decode-sized step with the Triton backend,
-        top-1, FP8 experts with static input scales (not calibrating), the shared expert's static FP8 input scale,
-        at most 64 experts. LLAMASERVE_FUSED_NORM_ROUTE=0 turns it off."""
-        from llamaserve.kernels import moe_decode
-
-        ex = self.experts
-        from llamaserve.device_utils import arrival_counters
-
-        return (ex.backend == "triton" and self.top_k == 1 and isinstance(ex, FusedExperts)
-                and ex.fp8 and ex._calib is None and ex.gate_up_proj_input_scale is not None
-                and shared_scale is not None and ex.num_experts <= 64 and 0 < x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
-                and os.environ.get("LLAMASERVE_FUSED_NORM_ROUTE", "1") != "0"
-                and arrival_counters(x.device, "router", x.shape[0]) is not None)
-
-    def forward_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
-                           shared_scale: torch.Tensor) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
-        """The post-attention norm and this MoE for a decode step (`norm_route_fusable`): the norm, router and
-        routing in one kernel (kernels/moe_decode.py `norm_route`), then the shared expert's gate-up (with its
-        SiLU) on the side stream beside the routed experts' gate-up, and after the join one kernel for both down
-        projections, which adds them (`_pair_down_ok`); otherwise the shared expert whole on the side stream and
-        a `PendingSum`. Returns (the MoE output or the `PendingSum`, the new residual)."""
-        from llamaserve.device_utils import arrival_counters
-        from llamaserve.kernels import moe_decode
-
-        ex = self.experts
-        gs, ds = ex._weight_scales()
-        residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
-        a, ids, _, x8 = moe_decode.norm_route(x, residual, norm.weight, norm.eps, self.router.weight,
-                                              ex.gate_up_proj_input_scale, shared_scale,
-                                              arrival_counters(x.device, "router", x.shape[0]))
-
-        def routed(shared=None) -> torch.Tensor:
-            return moe_decode.experts_decode(a, ids, ex.gate_up_proj, ex.down_proj, ex.gate_up_proj_input_scale,
-                                             gs, ds, ex.down_proj_input_scale, x, shared)
-        pair = self._pair_down_ok()
-        side = _side_stream(x.device)
-        if side is None:
-            shared_out = self._shared(x8, x, True, gate_up_only=pair)
-        else:
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):  # the shared expert's gate-up beside the routed one
-                shared_out = self._shared(x8, x, True, gate_up_only=pair)
-        if pair:  # then both down projections in one kernel, which adds them
-            act = moe_decode.experts_gate_up(a, ids, ex.gate_up_proj, ex.gate_up_proj_input_scale, gs,
-                                             ex.down_proj_input_scale, x)
-            if side is not None:
-                main.wait_stream(side)
-            dn = self.shared_expert.down_proj
-            return moe_decode.experts_down(act, ids, ex.down_proj, ex.down_proj_input_scale, ds, x,
-                                           pair=(shared_out, dn.weight, dn.input_scale, dn.weight_scale)), residual
-        if side is None:
-            return routed(shared_out), residual
-
-        def join() -> torch.Tensor:
-            main.wait_stream(side)
-            return shared_out
-        return PendingSum(routed(), join), residual
-
-    def _pair_down_ok(self) -> bool:
-        """The shared expert's down projection can run in the routed down kernel: FP8 with a static input scale,
-        no bias, the experts' intermediate size. LLAMASERVE_PAIRED_DOWN=0 keeps it on its own (cuBLAS)."""
-        dn, ex = self.shared_expert.down_proj, self.experts
-        gu = self.shared_expert.gate_up_proj
-        return (dn.static_input_scale is not None and dn.bias is None and dn.weight.dtype == FP8
-                and gu.static_input_scale is not None and gu.bias is None
-                and dn.weight.shape[1] == ex.down_proj.shape[1] and ex.down_proj_input_scale is not None
-                and os.environ.get("LLAMASERVE_PAIRED_DOWN", "1") != "0")
-
-    def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool, gate_up_only: bool = False) -> torch.Tensor:
+    def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """The shared expert; at decode size with a pre-quantized FP8 input its gate-up and SiLU run as one
-        kernel (kernels/moe_decode.py `glu_decode`), the down projection on cuBLAS, or not at all with
-        `gate_up_only` (the FP8 activation is returned for the paired down kernel)."""
+        kernel (kernels/moe_decode.py `glu_decode`), the down projection on cuBLAS."""
         mlp = self.shared_expert
         gu, dn = mlp.gate_up_proj, mlp.down_proj
         if decode and sx.dtype == FP8 and gu.static_input_scale is not None and gu.bias is None:
             from llamaserve.kernels.moe_decode import glu_decode
 
-            act = glu_decode(sx, gu.weight, gu.weight_scale, gu.input_scale, dn.static_input_scale, x)
-            return act if gate_up_only else dn(act)
-        assert not gate_up_only, "the paired down kernel needs the FP8 gate-up path"
+            return dn(glu_decode(sx, gu.weight, gu.weight_scale, gu.input_scale, dn.static_input_scale, x))
         return mlp(sx)
 
 

@@ -86,18 +86,13 @@ class Llama4Attention(nn.Module):
         attn = self.attn
         if attn.backend == "triton" and attn.kv_cache is not None and not d & (d - 1):
             # RoPE / QK-norm / temperature and the KV write in one kernel, then attention (FP8 out for o_proj)
-            from llamaserve.kernels.prefetch import prefetch_l2
             from llamaserve.kernels.rope_kv import rope_and_write_kv
 
-            # decode: o_proj's weight into L2 beside the latency-bound RoPE and attention (LLAMASERVE_L2_PREFETCH=1)
-            join = prefetch_l2(self.o_proj.weight) if t <= 16 and self.o_proj.weight.is_contiguous() else None
             q = rope_and_write_kv(qkv, positions, self._tables.cos_cache, self._tables.sin_cache, attn.kv_cache,
                                   batch.slot_mapping, self.num_heads, self.num_kv_heads, d, attn.k_scale,
                                   attn.v_scale, rope=self.use_rope, qk_norm_eps=self.qk_norm_eps,
                                   temperature=(self.floor_scale, self.attn_scale) if self.temperature else None)
             out = attn._triton(q, batch, self.o_proj.static_input_scale)
-            if join is not None:
-                join()
             return self.o_proj(out.reshape(t, self.num_heads * d))
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         if self.rotary_emb is not None:
@@ -142,8 +137,6 @@ class Llama4DecoderLayer(nn.Module):
         ff = self.feed_forward
         if isinstance(ff, Llama4MoE):  # router and experts take bf16; the shared expert an FP8 copy, if static
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
-            if ff.norm_route_fusable(x, shared_scale):  # decode: norm, router and routing in one kernel
-                return ff.forward_norm_route(x, residual, self.post_attention_layernorm, shared_scale)
             if shared_scale is not None:
                 (x, x8), residual = self.post_attention_layernorm(x, residual, fp8_copy=shared_scale)
                 return ff(x, shared_input=x8, defer_shared=True), residual
