@@ -138,3 +138,51 @@ def test_fp8_output(device):
     decode = paged_attention(q[40:], cache, batch.block_tables[1:], batch.seq_lens[1:],
                              batch.query_start_loc[1:] - 40, [1], bs, d**-0.5, out_scale=out_scale, num_splits=4)
     torch.testing.assert_close(decode.float() * scale, ref[40:], atol=tol + 2**-9 * scale, rtol=0.13)
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm_eps": 1e-5}, {"rope": False, "temperature": (4.0, 0.1)}])
+@pytest.mark.parametrize("kv_dtype,local", [("model", {}), ("fp8", {}), ("fp8", {"chunk_size": 32})])
+def test_rope_inside_split_decode_attention(variant, kv_dtype, local, device, monkeypatch):
+    """RoPE (or NoPE + temperature), the QK norm and the KV write inside split decode attention, from the QKV
+    output: the same output and the same cache bytes as rope_and_write_kv followed by attention; other steps
+    (LLAMASERVE_ATTN_FUSED_ROPE=0, one split, a prefill) run rope_and_write_kv first and agree too."""
+    from llamaserve.kernels import rope_kv
+    from llamaserve.kernels.paged_attention import RopeInputs
+    from llamaserve.layers.rotary import RotaryEmbedding
+
+    hq, hkv, d, bs = 8, 2, 64, 16
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    ctx = [40, 17, 1, 33, 64]
+    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 2
+    batch = _batch(ctx, [1] * len(ctx), bs, num_blocks, device, gen)
+    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
+    k_scale, v_scale = (0.05, 0.08) if kv_dtype == "fp8" else (1.0, 1.0)
+    cache = (torch.randn(2, num_blocks * bs, hkv, d, generator=gen) * 3).to(device, dtype).to(cache_dtype)
+    qkv = torch.randn(len(ctx), (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
+    rot = RotaryEmbedding(d, 256, 10000.0, {}).to(device)
+    rope = RopeInputs(batch.positions, batch.slot_mapping, rot.cos_cache, rot.sin_cache, **variant)
+
+    def run(c, q, splits, **kw):
+        return paged_attention(q, c, batch.block_tables, batch.seq_lens, batch.query_start_loc, [1] * len(ctx), bs,
+                               d**-0.5, k_scale, v_scale, num_splits=splits, **local, **kw)
+
+    want_cache = cache.clone()
+    q = rope_kv.rope_and_write_kv(qkv, rope.positions, rope.cos, rope.sin, want_cache, rope.slot_mapping, hq, hkv,
+                                  d, k_scale, v_scale, rope.rope, rope.qk_norm_eps, rope.temperature)
+    want = run(want_cache, q, 4).float()
+    calls = []
+    monkeypatch.setattr(rope_kv, "rope_and_write_kv", lambda *a: calls.append(1) or q)
+    got_cache = cache.clone()
+    got = run(got_cache, qkv, 4, rope=rope).float()
+    assert not calls  # fused: no separate RoPE kernel
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))
+    monkeypatch.undo()
+    for splits, env in ((4, "0"), (1, "1")):
+        monkeypatch.setenv("LLAMASERVE_ATTN_FUSED_ROPE", env)
+        got_cache = cache.clone()
+        torch.testing.assert_close(run(got_cache, qkv, splits, rope=rope).float(), run(want_cache, q, splits).float(),
+                                   atol=tol, rtol=tol)
+        assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))

@@ -28,6 +28,7 @@ once serves every context length.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -35,6 +36,7 @@ import triton.language as tl
 
 from llamaserve.device_utils import arrival_counters, h2d
 from llamaserve.kernels.norm_act import round_e4m3
+from llamaserve.kernels.rope_kv import _rotate, _store_kv
 
 
 @triton.jit
@@ -83,6 +85,9 @@ def _paged_attn_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
     PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr,
     FUSED_COMBINE: tl.constexpr,
+    Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
+    HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
+    NORM: tl.constexpr = False, TEMP: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -101,8 +106,26 @@ def _paged_attn_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
 
-    q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if FUSED_ROPE:  # decode: Q is the QKV projection's output; q rotated here as kernels/rope_kv.py does
+        HALF: tl.constexpr = HEAD_DIM // 2
+        row_off = (q_start + tok0).to(tl.int64) * stride_qt
+        pos = tl.load(Pos + q_start + tok0)
+        half = tl.arange(0, HALF)
+        if ROPE:
+            cos = tl.load(Cos + pos * stride_cos + half)
+            sin = tl.load(Sin + pos * stride_cos + half)
+        else:
+            cos = half
+            sin = half
+        q1, q2 = _rotate(Q, row_off, head, row_ok, half, cos, sin, HALF, ROPE, NORM, eps)
+        if TEMP:  # attention temperature tuning (Llama 4 NoPE layers), in float32 as the reference
+            temp = tl.log(1.0 + tl.floor((pos.to(tl.float32) + 1.0) / floor_scale)) * attn_scale + 1.0
+            q1 = (q1.to(tl.float32) * temp).to(q1.dtype)
+            q2 = (q2.to(tl.float32) * temp).to(q2.dtype)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
+    else:
+        q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     out_ty = q.dtype
     if FP8:
         q = q.to(tl.float16)
@@ -125,6 +148,20 @@ def _paged_attn_kernel(
         chunk = tl.cdiv(tl.cdiv(last - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(last, lo + chunk)
+    if FUSED_ROPE:  # the split that holds the step's own position writes its key and value first
+        if (ctx - 1 >= lo) & (ctx - 1 < hi):
+            hk = kv_head + tl.arange(0, 2)  # one KV head (a 2-row tile, the second masked)
+            hk_ok = tl.arange(0, 2) < 1
+            k1, k2 = _rotate(Q, row_off + HQ * HEAD_DIM, hk, hk_ok, half, cos, sin, HALF, ROPE, NORM, eps)
+            dst = tl.load(Slots + q_start + tok0).to(tl.int64) * stride_kslot + hk[:, None] * stride_kh \
+                + half[None, :]
+            _store_kv(K, dst, k1, hk_ok[:, None], k_scale, FP8)
+            _store_kv(K, dst + HALF, k2, hk_ok[:, None], k_scale, FP8)
+            v_ptrs = Q + row_off + (HQ + HKV) * HEAD_DIM + hk[:, None] * HEAD_DIM + half[None, :]
+            _store_kv(V, dst, tl.load(v_ptrs, mask=hk_ok[:, None], other=0.0), hk_ok[:, None], v_scale, FP8)
+            _store_kv(V, dst + HALF, tl.load(v_ptrs + HALF, mask=hk_ok[:, None], other=0.0), hk_ok[:, None],
+                      v_scale, FP8)
+        tl.debug_barrier()  # the program's own cache writes precede its key loads
     # blocks wholly before the tile's first query position need no mask; the rest (the diagonal) do
     full = tl.maximum(lo, tl.minimum(hi, (ctx - q_len + tok0) // BLOCK_N * BLOCK_N))
     if LOCAL != 0:
@@ -258,30 +295,66 @@ def step_tiles(cache: dict, query_lens: list[int], group: int, device: torch.dev
     return cache[key]
 
 
+@dataclass
+class RopeInputs:
+    """What kernels/rope_kv.py's `rope_and_write_kv` takes besides the QKV output and the cache, for
+    `paged_attention(..., rope=...)`."""
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rope: bool = True
+    qk_norm_eps: float | None = None
+    temperature: tuple[float, float] | None = None
+
+
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, query_lens: list[int], block_size: int, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0, tiles: tuple | None = None,
                     launch: dict | None = None, out_scale: torch.Tensor | None = None,
-                    num_splits: int | None = None, chunk_size: int = 0, sliding_window: int = 0) -> torch.Tensor:
+                    num_splits: int | None = None, chunk_size: int = 0, sliding_window: int = 0,
+                    rope: RopeInputs | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, slots, Hkv, D] -> out [T, Hq, D] (q's dtype, or FP8 with `out_scale`).
-    `chunk_size` (chunked local attention) or `sliding_window`: 0 = global causal."""
+    `chunk_size` (chunked local attention) or `sliding_window`: 0 = global causal.
+
+    With `rope`, q is the QKV projection's output [T, (Hq + 2 Hkv) * D]: RoPE and the KV write happen first,
+    inside the attention kernel for split decode steps (the split that holds a request's own position writes its
+    key and value before reading keys; LLAMASERVE_ATTN_FUSED_ROPE=0 turns it off), else by rope_and_write_kv."""
     if chunk_size and sliding_window:
         raise ValueError("give chunk_size or sliding_window, not both")
-    t, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
+    if rope is not None:
+        head_dim = kv_cache.shape[3]
+        num_q_heads = q.shape[1] // head_dim - 2 * num_kv_heads
+    else:
+        _, num_q_heads, head_dim = q.shape
+    t = q.shape[0]
     group = num_q_heads // num_kv_heads
     launch = dict(launch or {})  # tuning overrides: BLOCK_M (prefill), BLOCK_N, num_warps, num_stages
     block_m, tok_per_tile = tile_shape(group, query_lens, launch.pop("BLOCK_M", None))
     tile_req, tile_tok = tiles if tiles is not None else step_tiles({}, query_lens, group, q.device, block_m)
-    out = torch.empty_like(q, dtype=torch.float8_e4m3fn if out_scale is not None else q.dtype)
-    if tile_req.numel() == 0:
-        return out
-    k, v = kv_cache[0], kv_cache[1]
-    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    out = torch.empty((t, num_q_heads, head_dim), dtype=torch.float8_e4m3fn if out_scale is not None else q.dtype,
+                      device=q.device)
     decode = max(query_lens, default=1) == 1
     n_tiles = tile_req.numel()
     if num_splits is None:
         num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1))
+    fuse_rope = (rope is not None and decode and num_splits > 1 and not head_dim & (head_dim - 1)
+                 and os.environ.get("LLAMASERVE_ATTN_FUSED_ROPE", "1") != "0")
+    if rope is not None and not fuse_rope:
+        from llamaserve.kernels.rope_kv import rope_and_write_kv
+
+        q = rope_and_write_kv(q, rope.positions, rope.cos, rope.sin, kv_cache, rope.slot_mapping, num_q_heads,
+                              num_kv_heads, head_dim, k_scale, v_scale, rope.rope, rope.qk_norm_eps,
+                              rope.temperature)
+    elif fuse_rope:
+        assert q.stride(1) == 1 and kv_cache.is_contiguous() and rope.cos.is_contiguous()
+        q = q.view(t, num_q_heads + 2 * num_kv_heads, head_dim)
+    if n_tiles == 0:
+        return out
+    k, v = kv_cache[0], kv_cache[1]
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     counters = split_counters(q.device, n_tiles * num_kv_heads) if num_splits > 1 else None
     # defaults from the H200 sweeps: decode is bandwidth-bound (benchmarks/kernels_bench.py, SWEEP=1; bf16 KV:
     # 64-key tiles, 4 warps, 2 stages; FP8 KV: 32-key tiles, 1 warp, 3 stages), except split FP8 decodes merged
@@ -318,6 +391,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
+        **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )
     if num_splits > 1 and counters is None:
@@ -326,3 +400,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
             out.stride(0), out.stride(1), GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_OUT_SCALE=out_scale is not None)
     return out
+
+
+def _rope_args(rope: RopeInputs, num_q_heads: int, num_kv_heads: int) -> dict:
+    floor_scale, attn_scale = rope.temperature or (1.0, 0.0)
+    return dict(Pos=rope.positions, Slots=rope.slot_mapping, Cos=rope.cos, Sin=rope.sin,
+                stride_cos=rope.cos.stride(0), eps=rope.qk_norm_eps or 0.0, floor_scale=floor_scale,
+                attn_scale=attn_scale, HQ=num_q_heads, HKV=num_kv_heads, FUSED_ROPE=True, ROPE=rope.rope,
+                NORM=rope.qk_norm_eps is not None, TEMP=rope.temperature is not None)

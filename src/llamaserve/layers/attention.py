@@ -147,11 +147,14 @@ class Attention(nn.Module):
                               self.num_heads, self.num_kv_heads, d, self.k_scale, self.v_scale)
         return self._triton(q, batch, out_scale).reshape(t, self.num_heads * d)
 
-    def _triton(self, q: torch.Tensor, batch: ForwardBatch, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def _triton(self, q: torch.Tensor, batch: ForwardBatch, out_scale: torch.Tensor | None = None,
+                rope: object | None = None) -> torch.Tensor:
+        """q [T, Hq, D], or with `rope` (kernels/paged_attention.py `RopeInputs`) the QKV output, which RoPE and
+        the KV write take first (inside the attention kernel for split decode steps)."""
         from llamaserve.kernels import paged_attention as pa
 
         tiles = pa.step_tiles(batch.cache, batch.query_lens_cpu, self.num_heads // self.num_kv_heads, q.device)
         return pa.paged_attention(q, self.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                   batch.query_lens_cpu, batch.block_size, self.scale, self.k_scale, self.v_scale,
                                   tiles=tiles, out_scale=out_scale, chunk_size=self.chunk_size,
-                                  sliding_window=self.sliding_window)
+                                  sliding_window=self.sliding_window, rope=rope)

@@ -85,14 +85,14 @@ class Llama4Attention(nn.Module):
         t, d = qkv.shape[0], self.head_dim
         attn = self.attn
         if attn.backend == "triton" and attn.kv_cache is not None and not d & (d - 1):
-            # RoPE / QK-norm / temperature and the KV write in one kernel, then attention (FP8 out for o_proj)
-            from llamaserve.kernels.rope_kv import rope_and_write_kv
+            # RoPE / QK-norm / temperature and the KV write (kernels/rope_kv.py, or inside the attention kernel
+            # at split decode steps), then attention (FP8 out for o_proj)
+            from llamaserve.kernels.paged_attention import RopeInputs
 
-            q = rope_and_write_kv(qkv, positions, self._tables.cos_cache, self._tables.sin_cache, attn.kv_cache,
-                                  batch.slot_mapping, self.num_heads, self.num_kv_heads, d, attn.k_scale,
-                                  attn.v_scale, rope=self.use_rope, qk_norm_eps=self.qk_norm_eps,
-                                  temperature=(self.floor_scale, self.attn_scale) if self.temperature else None)
-            out = attn._triton(q, batch, self.o_proj.static_input_scale)
+            rope = RopeInputs(positions, batch.slot_mapping, self._tables.cos_cache, self._tables.sin_cache,
+                              self.use_rope, self.qk_norm_eps,
+                              (self.floor_scale, self.attn_scale) if self.temperature else None)
+            out = attn._triton(qkv, batch, self.o_proj.static_input_scale, rope=rope)
             return self.o_proj(out.reshape(t, self.num_heads * d))
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         if self.rotary_emb is not None:
