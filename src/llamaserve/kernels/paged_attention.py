@@ -36,7 +36,7 @@ import triton.language as tl
 
 from llamaserve.device_utils import arrival_counters, h2d
 from llamaserve.kernels.norm_act import round_e4m3
-from llamaserve.kernels.rope_kv import _rotate, _store_kv
+from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperature
 
 
 @triton.jit
@@ -111,17 +111,10 @@ def _paged_attn_kernel(
         row_off = (q_start + tok0).to(tl.int64) * stride_qt
         pos = tl.load(Pos + q_start + tok0)
         half = tl.arange(0, HALF)
-        if ROPE:
-            cos = tl.load(Cos + pos * stride_cos + half)
-            sin = tl.load(Sin + pos * stride_cos + half)
-        else:
-            cos = half
-            sin = half
+        cos, sin = _cos_sin(Cos, Sin, pos, stride_cos, half, ROPE)
         q1, q2 = _rotate(Q, row_off, head, row_ok, half, cos, sin, HALF, ROPE, NORM, eps)
-        if TEMP:  # attention temperature tuning (Llama 4 NoPE layers), in float32 as the reference
-            temp = tl.log(1.0 + tl.floor((pos.to(tl.float32) + 1.0) / floor_scale)) * attn_scale + 1.0
-            q1 = (q1.to(tl.float32) * temp).to(q1.dtype)
-            q2 = (q2.to(tl.float32) * temp).to(q2.dtype)
+        if TEMP:
+            q1, q2 = _temperature(q1, q2, pos, floor_scale, attn_scale)
         q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
     else:
         q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]

@@ -41,6 +41,25 @@ def _rotate(X, row_off, heads, h_ok, half, cos, sin, HALF: tl.constexpr, ROPE: t
 
 
 @triton.jit
+def _cos_sin(Cos, Sin, pos, stride_cos, half, ROPE: tl.constexpr):
+    """The first half of the cos / sin rows at `pos` (unused stand-ins on NoPE layers)."""
+    if ROPE:
+        cos = tl.load(Cos + pos * stride_cos + half)
+        sin = tl.load(Sin + pos * stride_cos + half)
+    else:
+        cos = half
+        sin = half
+    return cos, sin
+
+
+@triton.jit
+def _temperature(q1, q2, pos, floor_scale, attn_scale):
+    """Attention temperature tuning (Llama 4 NoPE layers): q scaled in float32 as the reference."""
+    temp = tl.log(1.0 + tl.floor((pos.to(tl.float32) + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (q1.to(tl.float32) * temp).to(q1.dtype), (q2.to(tl.float32) * temp).to(q2.dtype)
+
+
+@triton.jit
 def _store_kv(Cache, off, x, mask, scale, FP8: tl.constexpr):
     if FP8:
         x = round_e4m3(x.to(tl.float32) / scale)
@@ -57,22 +76,15 @@ def _rope_kv_kernel(QKV, Qout, KV, Pos, Slots, Cos, Sin, k_scale, v_scale, eps, 
     pos = tl.load(Pos + t)
     slot = tl.load(Slots + t).to(tl.int64)
     half = tl.arange(0, HALF)
-    if ROPE:
-        cos = tl.load(Cos + pos * stride_cos + half)
-        sin = tl.load(Sin + pos * stride_cos + half)
-    else:
-        cos = half
-        sin = half
+    cos, sin = _cos_sin(Cos, Sin, pos, stride_cos, half, ROPE)
     row = QKV + t.to(tl.int64) * stride_qkv
     D: tl.constexpr = 2 * HALF
 
     hq = tl.arange(0, BLOCK_HQ)
     hq_ok = hq < HQ
     q1, q2 = _rotate(row, 0, hq, hq_ok, half, cos, sin, HALF, ROPE, NORM, eps)
-    if TEMP:  # attention temperature tuning (Llama 4 NoPE layers), in float32 as the reference
-        temp = tl.log(1.0 + tl.floor((pos.to(tl.float32) + 1.0) / floor_scale)) * attn_scale + 1.0
-        q1 = (q1.to(tl.float32) * temp).to(q1.dtype)
-        q2 = (q2.to(tl.float32) * temp).to(q2.dtype)
+    if TEMP:
+        q1, q2 = _temperature(q1, q2, pos, floor_scale, attn_scale)
     qo = Qout + t.to(tl.int64) * stride_qo + hq[:, None] * D + half[None, :]
     tl.store(qo, q1.to(Qout.dtype.element_ty), mask=hq_ok[:, None])
     tl.store(qo + HALF, q2.to(Qout.dtype.element_ty), mask=hq_ok[:, None])
