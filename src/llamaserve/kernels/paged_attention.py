@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.device_utils import arrival_counters, h2d
+from llamaserve.kernels import rope_kv
 from llamaserve.kernels.norm_act import round_e4m3
 from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperature
 
@@ -336,11 +337,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     fuse_rope = (rope is not None and decode and num_splits > 1 and not head_dim & (head_dim - 1)
                  and os.environ.get("LLAMASERVE_ATTN_FUSED_ROPE", "1") != "0")
     if rope is not None and not fuse_rope:
-        from llamaserve.kernels.rope_kv import rope_and_write_kv
-
-        q = rope_and_write_kv(q, rope.positions, rope.cos, rope.sin, kv_cache, rope.slot_mapping, num_q_heads,
-                              num_kv_heads, head_dim, k_scale, v_scale, rope.rope, rope.qk_norm_eps,
-                              rope.temperature)
+        q = rope_kv.rope_and_write_kv(q, rope.positions, rope.cos, rope.sin, kv_cache, rope.slot_mapping,
+                                      num_q_heads, num_kv_heads, head_dim, k_scale, v_scale, rope.rope,
+                                      rope.qk_norm_eps, rope.temperature)
     elif fuse_rope:
         assert q.stride(1) == 1 and kv_cache.is_contiguous() and rope.cos.is_contiguous()
         q = q.view(t, num_q_heads + 2 * num_kv_heads, head_dim)

@@ -14,10 +14,14 @@ output quantized to FP8 in the attention kernel when o_proj takes a static-scale
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from llamaserve.kernels.paged_attention import RopeInputs
 
 
 @dataclass
@@ -148,7 +152,7 @@ class Attention(nn.Module):
         return self._triton(q, batch, out_scale).reshape(t, self.num_heads * d)
 
     def _triton(self, q: torch.Tensor, batch: ForwardBatch, out_scale: torch.Tensor | None = None,
-                rope: object | None = None) -> torch.Tensor:
+                rope: RopeInputs | None = None) -> torch.Tensor:
         """q [T, Hq, D], or with `rope` (kernels/paged_attention.py `RopeInputs`) the QKV output, which RoPE and
         the KV write take first (inside the attention kernel for split decode steps)."""
         from llamaserve.kernels import paged_attention as pa
