@@ -73,7 +73,7 @@ def main() -> None:
     for name, (n, k) in {"o": (5120, 5120), "qkv": (7168, 5120)}.items():
         res[f"{name}_gemm_alone"] = run(n, k, 0, False, 1, 65536, busy=False)
         for iters in (1000, 3000):
-            res[f"{name}_busy{iters}_alone"] = run(8, 8, iters, False, 132, 65536)  # tiny GEMM
+            res[f"{name}_busy{iters}_alone"] = run(16, 16, iters, False, 132, 65536)  # tiny GEMM
             res[f"{name}_busy{iters}_gemm"] = run(n, k, iters, False, 132, 65536)
             for programs in (16, 132):
                 for chunk in (16384, 65536):
