@@ -32,7 +32,8 @@ def _busy_kernel(W, nbytes, X, iters, PREFETCH: tl.constexpr, CHUNK: tl.constexp
     tl.store(X + 32 * (tl.program_id(0) + 1) + tl.arange(0, 32), acc)
 
 
-def run(n: int, k: int, iters: int, prefetch: bool, programs: int, chunk: int, busy: bool = True) -> float:
+def run(n: int, k: int, iters: int, prefetch: bool, programs: int, chunk: int, busy: bool = True,
+        repeat: int = 1) -> float:
     dev = "cuda"
     layers = 48
     ws = [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(layers)]
@@ -46,7 +47,8 @@ def run(n: int, k: int, iters: int, prefetch: bool, programs: int, chunk: int, b
             if busy:
                 _busy_kernel[(programs,)](w, w.numel(), scratch, iters, PREFETCH=prefetch, CHUNK=chunk, BLOCK=block,
                                           num_warps=1)
-            torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            for _ in range(repeat):  # repeat > 1: the later GEMMs read the weight from L2
+                torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
     body()
     torch.cuda.synchronize()
@@ -72,6 +74,8 @@ def main() -> None:
     res: dict[str, float] = {}
     for name, (n, k) in {"o": (5120, 5120), "qkv": (7168, 5120)}.items():
         res[f"{name}_gemm_alone"] = run(n, k, 0, False, 1, 65536, busy=False)
+        res[f"{name}_gemm_twice"] = run(n, k, 0, False, 1, 65536, busy=False, repeat=2)
+        res[f"{name}_busy3000_prefetch_gemm_twice"] = run(n, k, 3000, True, 132, 65536, repeat=2)
         for iters in (1000, 3000):
             res[f"{name}_busy{iters}_alone"] = run(16, 16, iters, False, 132, 65536)  # tiny GEMM
             res[f"{name}_busy{iters}_gemm"] = run(n, k, iters, False, 132, 65536)
