@@ -12,7 +12,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:-}:src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moe_decode.py tests/kernels/test_fused_moe.py \
-    tests/kernels/test_norm_act.py tests/kernels/test_paged_attention.py \
+    tests/kernels/test_norm_act.py tests/kernels/test_paged_attention.py tests/kernels/test_rope_kv.py \
     tests/kernels/test_cuda_graphs.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log"
 # a small random Llama 4 in float32 with the Triton kernels (shared-expert stream included) against transformers

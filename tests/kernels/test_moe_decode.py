@@ -113,6 +113,41 @@ def test_router_logits(t, h, e, device):
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("t,h,e,copy", [(1, 5120, 16, True), (3, 300, 5, False)])
+def test_norm_router_matches_the_norm_and_router_kernels(t, h, e, copy, device):
+    """The fused post-attention norm + router (`norm_router`) against `rms_norm` then `router_logits` and the
+    reference RMSNorm: the same norm output, FP8 copy and new residual (the old one untouched), logits equal up to
+    summation order."""
+    from llamaserve.kernels.norm_act import rms_norm
+    from llamaserve.layers.norm import RMSNorm
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(h + e)
+    x = torch.randn(t, h, generator=gen).to(device, dtype)
+    res = torch.randn(t, h, generator=gen).to(device, dtype)
+    nw = (1 + 0.1 * torch.randn(h, generator=gen)).to(device, dtype)
+    rw = (torch.randn(e, h, generator=gen) * h**-0.5).to(device, dtype)
+    s8 = torch.tensor(0.01, device=device) if copy else None
+    res_before = res.clone()
+    y, y8, logits, new_res = moe_decode.norm_router(x, res, nw, 1e-5, rw, s8)
+    assert torch.equal(res, res_before) and new_res.data_ptr() != res.data_ptr()
+    want_res = res.clone()
+    out = rms_norm(x, nw, 1e-5, want_res, fp8_copy=s8)
+    want, want8 = out if copy else (out, None)
+    ref = RMSNorm(h, 1e-5, dtype).to(device)
+    ref.weight.data = nw
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, ref(x, res.clone())[0], atol=tol, rtol=tol)
+    assert torch.equal(new_res, want_res) and logits.shape == (t, e) and logits.dtype == dtype
+    torch.testing.assert_close(y, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(logits.float(), moe_decode.router_logits(want, rw).float(), atol=tol, rtol=tol)
+    if copy:
+        torch.testing.assert_close(y8.float(), want8.float(), atol=1e-3, rtol=0.125)
+        assert (y8.float() == want8.float()).float().mean() > 0.99
+    else:
+        assert y8 is None
+
+
 def test_decode_config_fits_shared_memory():
     """Every decode launch keeps its pipeline stages within SMEM_BYTES (FP8, bf16 and float32 operands)."""
     for n, k, glu in ((8192, 5120, True), (5120, 8192, False), (48, 64, True), (64, 4096, False)):

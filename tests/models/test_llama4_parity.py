@@ -50,7 +50,12 @@ def test_layer_pattern(tiny_llama4_dir):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_greedy_and_logits_match_transformers(tiny_llama4_dir, backend):
+def test_greedy_and_logits_match_transformers(tiny_llama4_dir, backend, monkeypatch):
+    from llamaserve.kernels import moe_decode
+
+    fused_calls = []  # the Triton backend's decode steps take the fused post-attention norm + router
+    real = moe_decode.norm_router
+    monkeypatch.setattr(moe_decode, "norm_router", lambda *a: fused_calls.append(1) or real(*a))
     hf = _hf(tiny_llama4_dir)
     llm = LLM(str(tiny_llama4_dir), num_kv_blocks=48, block_size=8, max_num_tokens=32, kernel_backend=backend)
     gen = torch.Generator().manual_seed(1)
@@ -63,6 +68,7 @@ def test_greedy_and_logits_match_transformers(tiny_llama4_dir, backend):
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0, len(p) - 1 : -1].argmax(-1).tolist()
         assert out.outputs[0].token_ids == ref, f"prompt of {len(p)} tokens"
+    assert bool(fused_calls) == (backend == "triton")
     ids = prompts[-1] + prompts[1]
     with torch.no_grad():
         ref_logits = hf(torch.tensor([ids])).logits[0]

@@ -16,7 +16,8 @@ row, so three kernels do the whole step:
    silu(gate) * up, rounded as the reference rounds it, in FP8 (static scale) or the model dtype.
 3. The same kernel without GLU for the down projection, adding the shared expert's output in its epilogue.
 
-`router_logits` computes the router's logits for such steps in one kernel, and `glu_decode` runs a dense gate-up
+`router_logits` computes the router's logits for such steps in one kernel (`norm_router`: with the RMSNorm before
+it, one launch), and `glu_decode` runs a dense gate-up
 layer with its SiLU through the same GEMM kernel (one "expert"): layers/moe.py uses both for Llama 4.
 Launch parameters: `decode_config` (H200 sweep, benchmarks/decode_bench.py). Reference:
 layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as kernels/fused_moe.py's.
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.norm_act import round_e4m3
+from llamaserve.kernels.norm_act import norm_warps, round_e4m3
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 SMEM_BYTES = 200 * 1024
@@ -133,6 +134,57 @@ def _router_kernel(X, W, Y, stride_x, stride_w, stride_y, H, BLOCK: tl.constexpr
         w = tl.load(W + e * stride_w + cols, mask=mask, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)
     tl.store(Y + t * stride_y + e, tl.sum(acc, axis=0).to(Y.dtype.element_ty))
+
+
+@triton.jit
+def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_r, stride_rw, stride_y, stride_y8,
+                        stride_l, stride_rn, H, eps, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (t, e): y = RMSNorm(x + residual) of token t (kernels/norm_act.py's arithmetic) and the router's
+    logit y . W_e (float32 sum rounded to the logits' dtype, as `_router_kernel`). Program (t, 0) also writes
+    x + residual to RNew (a new buffer: R is read by every program), y, and y in FP8 with S8 (HAS_COPY)."""
+    t = tl.program_id(0)
+    e = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
+    x = x + tl.load(R + t * stride_r + cols, mask=mask, other=0.0)
+    w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
+    y = tl.load(NW + cols, mask=mask, other=0.0) * h.to(x.dtype)
+    logit = tl.sum(y.to(tl.float32) * w.to(tl.float32), axis=0)
+    tl.store(Logits + t * stride_l + e, logit.to(Logits.dtype.element_ty))
+    if e == 0:
+        tl.store(RNew + t * stride_rn + cols, x, mask=mask)
+        tl.store(Y + t * stride_y + cols, y, mask=mask)
+        if HAS_COPY:
+            tl.store(Y8 + t * stride_y8 + cols, round_e4m3(y.to(tl.float32) / tl.load(S8)).to(Y8.dtype.element_ty),
+                     mask=mask)
+
+
+def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                router_weight: torch.Tensor, fp8_copy: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """A decode step's post-attention RMSNorm (with the residual add) and the router's logits in one launch:
+    returns (y = norm(x + residual), y in FP8 with `fp8_copy` or None, logits [T, E] in x's dtype, x + residual
+    as a new tensor). Each of the E programs of a token normalizes the row itself (a few KB from L2) instead of
+    waiting for a norm kernel; the routing stays in `_route_scale_kernel`, after the shared expert's fork (routing
+    there staggers the two gate-up streams, which measured faster than starting both at once). Llama 4 at decode
+    size (models/llama4.py); the same results as `rms_norm` then `router_logits` up to summation order."""
+    t, h = x.shape
+    num_experts = router_weight.shape[0]
+    y = torch.empty_like(x)
+    y8 = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device) if fp8_copy is not None else None
+    logits = torch.empty((t, num_experts), dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(x)
+    if t:
+        block = triton.next_power_of_2(h)
+        _norm_router_kernel[(t, num_experts)](
+            x, residual, norm_weight, router_weight, y, y8 if y8 is not None else y,
+            fp8_copy if fp8_copy is not None else norm_weight, logits, new_residual, x.stride(0), residual.stride(0),
+            router_weight.stride(0), y.stride(0), y8.stride(0) if y8 is not None else 0, logits.stride(0),
+            new_residual.stride(0), h, eps, HAS_COPY=fp8_copy is not None, BLOCK=block, num_warps=norm_warps(block))
+    return y, y8, logits, new_residual
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ References: layers/norm.py and layers/activation.py.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +63,13 @@ def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, s
         _store_out(Y8, row * stride_y8 + cols, y, mask, S8, True)
 
 
+def norm_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel over `block` columns: 8 at 4,096 and up (Scout's 5,120: 16 B loads
+    for every thread at once), else 4. LLAMASERVE_NORM_WARPS overrides it (a launch-parameter A/B switch)."""
+    env = os.environ.get("LLAMASERVE_NORM_WARPS")
+    return int(env) if env else (8 if block >= 4096 else 4)
+
+
 def _out(x: torch.Tensor, shape: tuple[int, ...], out_scale: torch.Tensor | None) -> torch.Tensor:
     dtype = torch.float8_e4m3fn if out_scale is not None else x.dtype
     return torch.empty(shape, dtype=dtype, device=x.device)
@@ -83,7 +92,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                x.stride(0), x2.stride(0), r.stride(0), y.stride(0), y8.stride(0), n, eps,
                                HAS_X2=add is not None, HAS_RESIDUAL=residual is not None,
                                HAS_SCALE=out_scale is not None, HAS_COPY=fp8_copy is not None,
-                               BLOCK=triton.next_power_of_2(n))
+                               BLOCK=triton.next_power_of_2(n), num_warps=norm_warps(triton.next_power_of_2(n)))
     return (y, y8) if fp8_copy is not None else y
 
 

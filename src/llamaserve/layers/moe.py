@@ -215,9 +215,19 @@ class Llama4MoE(nn.Module):
         self.shared_expert = mlp_cls(cfg, dtype, backend, quant, f"{prefix}.shared_expert",
                                      intermediate_size=cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None, defer_shared: bool = False
-                ) -> torch.Tensor | PendingSum:
-        """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it).
+    def decode_sized(self, x: torch.Tensor) -> bool:
+        """Whether a step of x's tokens takes the decode path (Triton backend, top-1, at most DECODE_MAX_PAIRS
+        tokens): the router kernel, routing inside kernels/moe_decode.py, the shared expert's own stream."""
+        if self.experts.backend != "triton" or self.top_k != 1:
+            return False
+        from llamaserve.kernels import moe_decode
+
+        return x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
+
+    def forward(self, x: torch.Tensor, shared_input: torch.Tensor | None = None, defer_shared: bool = False,
+                logits: torch.Tensor | None = None) -> torch.Tensor | PendingSum:
+        """x [T, H]; `shared_input`: x already quantized for the shared expert's FP8 input (the norm writes it);
+        `logits`: the router's logits when the norm computed them (kernels/moe_decode.py `norm_router`).
 
         Decode-sized steps on the GPU (Triton backend, top-1, at most DECODE_MAX_PAIRS tokens) run the shared
         expert on a second stream, concurrently with the routed experts (SGLang does the same for DeepSeek's
@@ -226,15 +236,14 @@ class Llama4MoE(nn.Module):
         `defer_shared` the MoE returns a `PendingSum` instead, so the two chains run to their ends and the next
         RMSNorm adds them (models/llama4.py). LLAMASERVE_SHARED_EXPERT_STREAM=0 keeps one stream."""
         sx = shared_input if shared_input is not None else x
-        decode = False
-        if self.experts.backend == "triton" and self.top_k == 1:
-            from llamaserve.kernels import moe_decode
-
-            decode = x.shape[0] <= moe_decode.DECODE_MAX_PAIRS
+        decode = self.decode_sized(x)
         side = _side_stream(x.device) if decode and isinstance(self.experts, FusedExperts) else None
         # decode: the router's logits in one small kernel (cuBLAS takes two at one token), before the fork (beside
         # the shared expert's GEMMs it waits for their SMs: 20 us instead of 2 on the H200)
-        logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
+        if logits is None:
+            from llamaserve.kernels import moe_decode
+
+            logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
         if side is None:
             shared = self._shared(sx, x, decode)
             return self.experts.forward_logits(x, logits, self.top_k, shared=shared)

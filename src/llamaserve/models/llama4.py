@@ -14,6 +14,7 @@ skipped: images are refused by the server) and `Llama4ForCausalLM`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -137,6 +138,14 @@ class Llama4DecoderLayer(nn.Module):
         ff = self.feed_forward
         if isinstance(ff, Llama4MoE):  # router and experts take bf16; the shared expert an FP8 copy, if static
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
+            norm = self.post_attention_layernorm
+            if norm.backend == "triton" and ff.decode_sized(x) and os.environ.get("LLAMASERVE_NORM_ROUTER", "1") != "0":
+                # decode: the norm and the router's logits in one kernel
+                from llamaserve.kernels.moe_decode import norm_router
+
+                x, x8, logits, residual = norm_router(x, residual, norm.weight, norm.eps, ff.router.weight,
+                                                      shared_scale)
+                return ff(x, shared_input=x8, defer_shared=True, logits=logits), residual
             if shared_scale is not None:
                 (x, x8), residual = self.post_attention_layernorm(x, residual, fp8_copy=shared_scale)
                 return ff(x, shared_input=x8, defer_shared=True), residual
