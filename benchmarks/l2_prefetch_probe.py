@@ -19,11 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.prefetch import prefetch_l2
+from llamaserve.kernels import moe_decode as md
+from llamaserve.kernels.prefetch import gdc_launch_dependents, prefetch_l2
 
 
 @triton.jit
-def _busy_kernel(W, nbytes, X, iters, PREFETCH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _busy_kernel(W, nbytes, X, iters, PREFETCH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 TRIGGER: tl.constexpr = False):
+    if TRIGGER:
+        gdc_launch_dependents()
     if PREFETCH:
         prefetch_l2(W, nbytes, tl.program_id(0), tl.num_programs(0), CHUNK, BLOCK)
     acc = tl.load(X + tl.arange(0, 32))
@@ -69,7 +73,45 @@ def run(n: int, k: int, iters: int, prefetch: bool, programs: int, chunk: int, b
     return statistics.median(times)
 
 
+def run_decode_gemm(n: int, k: int, iters: int, pdl: bool, cfg: dict) -> float:
+    """busy kernel (triggering its dependents at once) -> the Triton decode GEMM, with or without PDL."""
+    dev = "cuda"
+    layers = 48
+    ws = [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(layers)]
+    x = torch.randn(1, k, device=dev).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    scratch = torch.zeros(32 * 133, device=dev)
+
+    def body() -> None:
+        for w in ws:
+            if iters:
+                _busy_kernel[(132,)](w, w.numel(), scratch, iters, PREFETCH=False, CHUNK=65536, BLOCK=32,
+                                     TRIGGER=True, num_warps=1)
+            md._gemm(x, w.t().unsqueeze(0), out, None, n, False, one, one, out, config=cfg, pdl=pdl)
+
+    body()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / layers)
+    ws.clear()
+    del g
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 def main() -> None:
+    if os.environ.get("PDL_ONLY") == "1":
+        return pdl_main()
     out = os.environ.get("OUT", ".")
     res: dict[str, float] = {}
     for name, (n, k) in {"o": (5120, 5120), "qkv": (7168, 5120)}.items():
@@ -86,6 +128,26 @@ def main() -> None:
         print(json.dumps({k: round(v, 2) for k, v in res.items() if k.startswith(name)}, indent=1), flush=True)
     res["device"] = torch.cuda.get_device_name()  # type: ignore[assignment]
     with open(os.path.join(out, "l2_prefetch_probe.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def pdl_main() -> None:
+    """busy -> Triton decode GEMM with and without programmatic dependent launch + L2 prefetch, against busy ->
+    cuBLAS, over launch configurations."""
+    out = os.environ.get("OUT", ".")
+    res: dict[str, float] = {}
+    for name, (n, k) in {"o": (5120, 5120), "qkv": (7168, 5120)}.items():
+        res[f"{name}_busy1000_cublas"] = run(n, k, 1000, False, 132, 65536)
+        res[f"{name}_busy1000_alone"] = run(16, 16, 1000, False, 132, 65536)
+        for bn, bk, nw, st in [(16, 512, 4, 4), (32, 512, 4, 4), (32, 256, 4, 6), (64, 512, 4, 4), (16, 256, 2, 6)]:
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": st}
+            tag = f"bn{bn}_bk{bk}_w{nw}_s{st}"
+            res[f"{name}_gemm_alone_{tag}"] = run_decode_gemm(n, k, 0, False, cfg)
+            res[f"{name}_busy1000_gemm_{tag}"] = run_decode_gemm(n, k, 1000, False, cfg)
+            res[f"{name}_busy1000_gemm_pdl_{tag}"] = run_decode_gemm(n, k, 1000, True, cfg)
+        print(json.dumps({k: round(v, 2) for k, v in res.items() if k.startswith(name)}, indent=1), flush=True)
+    res["device"] = torch.cuda.get_device_name()  # type: ignore[assignment]
+    with open(os.path.join(out, "l2_prefetch_pdl.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 

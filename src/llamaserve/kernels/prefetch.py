@@ -16,6 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4: programmatic dependent launch (griddepcontrol)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: pdl_enabled() is False, so neither is ever traced
+    gdc_launch_dependents = gdc_wait = None
+
+PF_CHUNK = tl.constexpr(16384)  # bytes per bulk prefetch instruction
 _ASM = tl.constexpr("{ .reg .pred p; setp.gt.s32 p, $2, 0; "
                     "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
 
@@ -37,6 +43,13 @@ def prefetch_enabled(device: torch.device) -> bool:
     if os.environ.get("LLAMASERVE_L2_PREFETCH", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch with an L2 prefetch before the wait: `prefetch_enabled` and a Triton that
+    has griddepcontrol, unless LLAMASERVE_PDL=0."""
+    return (gdc_wait is not None and os.environ.get("LLAMASERVE_PDL", "1") != "0"
+            and prefetch_enabled(device))
 
 
 def block_for(nbytes: int, chunk: int, programs: int) -> int:
