@@ -136,6 +136,16 @@ def pdl_main() -> None:
     cuBLAS, over launch configurations."""
     out = os.environ.get("OUT", ".")
     res: dict[str, float] = {}
+    w = torch.randn(7168, 5120, device="cuda").to(torch.float8_e4m3fn)
+    x = torch.randn(1, 5120, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    ys = [torch.empty(1, 7168, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    for y, pdl in zip(ys, (False, True)):
+        md._gemm(x, w.t().unsqueeze(0), y, None, 7168, False, one, one, y, pdl=pdl)
+    want = (x.float() @ w.float().t()).to(torch.bfloat16)
+    res["pdl_equal_no_pdl"] = bool(torch.equal(ys[0], ys[1]))  # type: ignore[assignment]
+    res["max_err_vs_torch"] = float((ys[1].float() - want.float()).abs().max())
+    print(res, flush=True)
     for name, (n, k) in {"o": (5120, 5120), "qkv": (7168, 5120)}.items():
         res[f"{name}_busy1000_cublas"] = run(n, k, 1000, False, 132, 65536)
         res[f"{name}_busy1000_alone"] = run(16, 16, 1000, False, 132, 65536)
