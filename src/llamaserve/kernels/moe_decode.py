@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels.norm_act import norm_warps, round_e4m3
-from llamaserve.kernels.prefetch import PF_CHUNK, block_for, gdc_wait, pdl_enabled, prefetch_l2
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 SMEM_BYTES = 200 * 1024
@@ -69,17 +68,8 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
                         stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
                         SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-                        PF_BLOCK: tl.constexpr = 32):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0)
-    if PDL:  # dense, K-contiguous W, launched as a programmatic dependent of the previous kernel: while that one
-        # runs, ask for this program's weight band(s) in L2, then wait for its results (A, Add)
-        n0 = tl.program_id(1) * BLOCK_N
-        band = tl.minimum(N - n0, BLOCK_N).to(tl.int64) * K * W.dtype.element_ty.primitive_bitwidth // 8
-        prefetch_l2(W + n0.to(tl.int64) * stride_wn, band, 0, 1, PF_CHUNK, PF_BLOCK)
-        if GLU:
-            prefetch_l2(W + up_off + n0.to(tl.int64) * stride_wn, band, 0, 1, PF_CHUNK, PF_BLOCK)
-        gdc_wait()
     rows = tl.arange(0, BLOCK_M)
     if SINGLE:  # a dense layer: one "expert" for every row
         e = p * 0
@@ -230,17 +220,11 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int, glu: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
-          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None,
-          pdl: bool = False) -> None:
+          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
     """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n); ids None: every
-    row takes W[0] (a dense layer). `pdl` (dense, K-contiguous W, where kernels/prefetch.py `pdl_enabled`):
-    launch as a programmatic dependent of the previous kernel, which should call `gdc_launch_dependents` early;
-    the programs then prefetch their weights into L2 while it runs."""
+    row takes W[0] (a dense layer)."""
     num_pairs, k = a.shape
     cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
-    if pdl and ids is None and w.stride(1) == 1 and pdl_enabled(a.device):
-        cfg.update(PDL=True, launch_pdl=True,
-                   PF_BLOCK=block_for(cfg["BLOCK_N"] * k * w.element_size(), PF_CHUNK.value, 1))
     fp8 = w.dtype == torch.float8_e4m3fn
     even = k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0
     grid = (num_pairs if ids is not None else 1, triton.cdiv(n, cfg["BLOCK_N"]))
