@@ -64,12 +64,12 @@ def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, s
 
 
 def norm_warps(block: int) -> int:
-    """Warps for a one-row-per-program kernel over `block` columns: 16 at 8,192 (Scout's 5,120), 8 at 4,096, else
+    """Warps for a one-row-per-program kernel over `block` columns: 32 at 8,192 (Scout's 5,120), 8 at 4,096, else
     4, so each thread holds a few 16-byte pieces of the row. Batch-1 Scout decode on the H200 (decode_variants.py,
-    one load): 4 warps 5.88 ms per step, 8 warps 5.81; with moe_decode.norm_router, 8 warps 5.68, 16 warps 5.65.
-    LLAMASERVE_NORM_WARPS overrides it (an A/B switch)."""
+    one load each): 4 warps 5.88 ms per step, 8 warps 5.81; with moe_decode.norm_router, 8 warps 5.68 / 5.73,
+    16 warps 5.65 / 5.71, 32 warps 5.68 (second load). LLAMASERVE_NORM_WARPS overrides it (an A/B switch)."""
     env = os.environ.get("LLAMASERVE_NORM_WARPS")
-    return int(env) if env else (16 if block >= 8192 else 8 if block >= 4096 else 4)
+    return int(env) if env else (32 if block >= 8192 else 8 if block >= 4096 else 4)
 
 
 def _out(x: torch.Tensor, shape: tuple[int, ...], out_scale: torch.Tensor | None) -> torch.Tensor:
