@@ -86,36 +86,6 @@ def test_fp8_matches_fp8_reference_and_grouped_path(static, t, device, monkeypat
     assert (got - grouped).norm() / grouped.norm() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("fp8,static", [(True, True), (True, False), (False, False)])
-@pytest.mark.parametrize("t", [1, 9])
-def test_routing_inside_the_gate_up_gemm_matches_the_routing_kernel(fp8, static, t, device, monkeypatch):
-    """Routing from the logits inside the gate-up GEMM (default) and in `_route_scale_kernel` first
-    (LLAMASERVE_ROUTE_IN_GEMM=0) give the same bytes: experts shared by several tokens, a tie, FP8 static and
-    dynamic input scales, float experts."""
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    e, h, inter = 4, 256, 128
-    x, gate_up, down, logits, shared = _inputs(t, h, inter, e, device, 7 + t, dtype)
-    logits[0, 1] = logits[0, 2] = logits[0].max() + 1  # a tie: the first of them wins
-    args: tuple = (None, None, None, None)
-    if fp8:
-        gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
-        gate_up, down = _nk(quantize_fp8(gate_up, gs)), _nk(quantize_fp8(down, ds))
-        args = (gs.expand(e).contiguous(), ds.expand(e).contiguous(),
-                x.float().abs().amax() / 448 if static else None,
-                torch.tensor(4.0 / 448, device=device) if static else None)
-    outs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("LLAMASERVE_ROUTE_IN_GEMM", flag)
-        outs.append(moe_decode.fused_moe_decode(x, gate_up, down, None, None, *args, shared, logits))
-    assert torch.equal(outs[0], outs[1])
-    ids, scores = _route(logits, dtype)
-    routed = (fused_experts_fp8_torch(x, gate_up, down, ids, scores, *args) if fp8
-              else fused_experts_torch(x, gate_up, down, ids, scores))
-    want = shared.float() + routed.float()
-    tol = (1e-3 if fp8 else 1e-5) if dtype == torch.float32 else 3e-2
-    assert (outs[0].float() - want).norm() / want.norm() < tol
-
-
 def test_only_top1_decode_steps_take_this_path(device, monkeypatch):
     """Top-2 routing and steps above DECODE_MAX_PAIRS tokens stay on the grouped path."""
     calls = []

@@ -25,7 +25,6 @@ layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as ker
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -65,30 +64,14 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 
 
 @triton.jit
-def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, Logits, Scores, num_pairs, N, K, up_off,
-                        stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add, stride_l,
+def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pairs, N, K, up_off,
+                        stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
                         SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTE: tl.constexpr = False,
-                        E: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    if ROUTE:  # top-1 of every token's router logits here (as _route_scale_kernel); A is the unscaled x
-        ee = tl.arange(0, BLOCK_E)
-        lg = tl.load(Logits + rows[:, None] * stride_l + ee[None, :],
-                     mask=(rows < num_pairs)[:, None] & (ee < E)[None, :], other=float("-inf")).to(tl.float32)
-        best = tl.max(lg, axis=1)
-        ids = tl.where(rows < num_pairs, tl.min(tl.where(lg == best[:, None], ee[None, :], BLOCK_E), axis=1), -1)
-        row_score = tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
-        e = tl.sum(tl.where(rows == p, ids, 0), axis=0)
-        if tl.program_id(1) == 0:  # for the down GEMM (and the caller)
-            tl.store(Ids + p, e.to(Ids.dtype.element_ty))
-            tl.store(Scores + p, tl.sum(tl.where(rows == p, row_score, 0.0), axis=0))
-        if tl.sum(((ids == e) & (rows < p)).to(tl.int32), axis=0) > 0:
-            return
-        row_ok = ids == e
-        a_scale = tl.load(AScale) if FP8 else 1.0
-    elif SINGLE:  # a dense layer: one "expert" for every row
+    if SINGLE:  # a dense layer: one "expert" for every row
         e = p * 0
         row_ok = rows < num_pairs
     else:
@@ -112,10 +95,6 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, Logits
             k_ok = (k0 + kk) < K
             a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if ROUTE:  # x * score in x's dtype, then FP8 with the input scale: _route_scale_kernel's roundings
-            a = (a.to(tl.float32) * row_score[:, None]).to(A.dtype.element_ty)
-            if FP8:
-                a = round_e4m3(a.to(tl.float32) / a_scale).to(W.dtype.element_ty)
         acc += tl.dot(a, w, input_precision=PREC)
         if GLU:  # the up columns sit `up_off` elements after the gate columns
             if EVEN:
@@ -241,25 +220,19 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int, glu: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
-          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None,
-          route: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
     """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n); ids None: every
-    row takes W[0] (a dense layer). `route` = (router logits [T, E], scores [T] out): the kernel routes (top-1,
-    sigmoid score, written with the expert to `ids` and scores) and scales A (the unscaled x) by the score, then
-    quantizes it with `a_scale` for FP8 weights, as `_route_scale_kernel` does."""
+    row takes W[0] (a dense layer)."""
     num_pairs, k = a.shape
     cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
-    if route is not None:
-        cfg.update(ROUTE=True, E=route[0].shape[1], BLOCK_E=triton.next_power_of_2(route[0].shape[1]))
     fp8 = w.dtype == torch.float8_e4m3fn
     even = k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0
     grid = (num_pairs if ids is not None else 1, triton.cdiv(n, cfg["BLOCK_N"]))
     dummy = ids if ids is not None else a
     _decode_gemm_kernel[grid](
         a, w, out, dummy, a_scale if fp8 else dummy, w_scale if fp8 else dummy, add if add is not None else dummy,
-        out_scale if out_scale is not None else dummy, ref, route[0] if route else dummy, route[1] if route else dummy,
-        num_pairs, n, k, n * w.stride(2), a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
-        add.stride(0) if add is not None else 0, route[0].stride(0) if route else 0,
+        out_scale if out_scale is not None else dummy, ref, num_pairs, n, k, n * w.stride(2), a.stride(0),
+        w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
         FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None, EVEN=even,
         PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, **cfg)
 
@@ -285,18 +258,15 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         scores = torch.empty(t, dtype=torch.float32, device=x.device)
     else:
         ids, scores = top_ids.reshape(-1).contiguous(), top_scores.reshape(-1).contiguous()
+    a = torch.empty((t, h), dtype=gate_up.dtype if fp8 else x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(h))
+    _route_scale_kernel[(t, triton.cdiv(h, block))](
+        x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
+        router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
+        QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
     s2 = a2_scale if fp8 else None
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
-    if from_logits and os.environ.get("LLAMASERVE_ROUTE_IN_GEMM", "1") != "0":  # no routing kernel
-        _gemm(x, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2, route=(router_logits, scores))
-    else:
-        a = torch.empty((t, h), dtype=gate_up.dtype if fp8 else x.dtype, device=x.device)
-        block = min(1024, triton.next_power_of_2(h))
-        _route_scale_kernel[(t, triton.cdiv(h, block))](
-            x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
-            router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
-            QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
-        _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
+    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
     if fp8 and s2 is None:  # dynamic: the activation's amax first
         s2 = dynamic_scale(act)
         act = quantize_fp8(act, s2)
