@@ -187,7 +187,8 @@ def _moe_module(device, dtype, quant=None):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the second stream exists on CUDA only; the callable "
                     "join it uses is tested on every device above")
-def test_shared_expert_stream_matches_one_stream(monkeypatch):
+@pytest.mark.parametrize("routed_first", ["0", "1"])
+def test_shared_expert_stream_matches_one_stream(routed_first, monkeypatch):
     """Llama4MoE at decode size with the shared expert on its own stream (eagerly and inside a CUDA graph) gives
     exactly the single-stream result."""
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -197,6 +198,7 @@ def test_shared_expert_stream_matches_one_stream(monkeypatch):
     want = moe(x)
     assert isinstance(moe(x, defer_shared=True), torch.Tensor)  # one stream: nothing to defer
     monkeypatch.setenv("LLAMASERVE_SHARED_EXPERT_STREAM", "1")
+    monkeypatch.setenv("LLAMASERVE_MOE_ROUTED_FIRST", routed_first)  # the deferred path's capture order
     assert torch.equal(moe(x), want)
     assert torch.equal(moe(x, defer_shared=True).resolve(), want)
     static_x = x.clone()

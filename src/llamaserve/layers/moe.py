@@ -248,7 +248,14 @@ class Llama4MoE(nn.Module):
             shared = self._shared(sx, x, decode)
             return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
         main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
+        routed = None
+        if defer_shared and os.environ.get("LLAMASERVE_MOE_ROUTED_FIRST") == "1":  # A/B: routed kernels first
+            fork = torch.cuda.Event()
+            fork.record(main)
+            routed = self.experts.forward_logits(x, logits, self.top_k)
+            side.wait_event(fork)
+        else:
+            side.wait_stream(main)
         with torch.cuda.stream(side):
             shared_out = self._shared(sx, x, decode)
 
@@ -256,7 +263,8 @@ class Llama4MoE(nn.Module):
             main.wait_stream(side)
             return shared_out
         if defer_shared:
-            return PendingSum(self.experts.forward_logits(x, logits, self.top_k), join)
+            return PendingSum(routed if routed is not None else self.experts.forward_logits(x, logits, self.top_k),
+                              join)
         return self.experts.forward_logits(x, logits, self.top_k, shared=join)
 
     def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
