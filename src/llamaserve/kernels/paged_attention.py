@@ -334,8 +334,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     n_tiles = tile_req.numel()
     if num_splits is None:
         num_splits = num_splits_for(n_tiles * num_kv_heads, max(query_lens, default=1))
-        if num_splits > 1 and os.environ.get("LLAMASERVE_ATTN_SPLITS"):  # A/B switch
-            num_splits = int(os.environ["LLAMASERVE_ATTN_SPLITS"])
     fuse_rope = (rope is not None and decode and num_splits > 1 and not head_dim & (head_dim - 1)
                  and os.environ.get("LLAMASERVE_ATTN_FUSED_ROPE", "1") != "0")
     if rope is not None and not fuse_rope:
@@ -356,7 +354,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     # 256 / 2,048 tokens against 11.2 / 15.3 with 1 warp and the combine kernel); prefill: 128 x 128 tiles,
     # 8 warps, 3 stages
     if decode and fp8 and counters is not None:
-        block_n, warps, stages = 64, int(os.environ.get("LLAMASERVE_ATTN_SPLIT_WARPS", "8")), 3
+        block_n, warps, stages = 64, 8, 3
     elif decode:
         block_n, warps, stages = (32, 1, 3) if fp8 else (64, 4, 2)
     else:
