@@ -47,15 +47,18 @@ def test_matches_reference(case, kv_dtype, device):
     _check_case(case, kv_dtype, device)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [2, 4, 16])
-def test_split_kv_decode(num_splits, fused, device, monkeypatch):
+def test_split_kv_decode(num_splits, fused, sparse, device, monkeypatch):
     """Split-KV (flash-decoding) gives the same decode output; splits past a short context stay empty. Fused: the
     last split of each (tile, kv head) merges them in the attention kernel, and leaves its counter zero for the
-    next launch; otherwise the separate combine kernel (LLAMASERVE_ATTN_FUSED_COMBINE=0)."""
+    next launch; otherwise the separate combine kernel (LLAMASERVE_ATTN_FUSED_COMBINE=0). Sparse (default): empty
+    splits and padding rows store and load no partial output (LLAMASERVE_ATTN_SPARSE_MERGE=0: all of them)."""
     from llamaserve.kernels import paged_attention as pa
 
     monkeypatch.setenv("LLAMASERVE_ATTN_FUSED_COMBINE", "1" if fused else "0")
+    monkeypatch.setenv("LLAMASERVE_ATTN_SPARSE_MERGE", "1" if sparse else "0")
     assert (pa.split_counters(device, 8) is not None) == fused
     for _ in range(2):  # a second launch reuses the counters
         _check_case((8, 2, 64, 16, [(300, 1), (5, 1), (1, 1), (129, 1)]), "model", device, num_splits=num_splits)

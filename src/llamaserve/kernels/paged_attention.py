@@ -85,7 +85,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
     PREC: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr, SPARSE_MERGE: tl.constexpr,
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
     NORM: tl.constexpr = False, TEMP: tl.constexpr = False,
@@ -175,7 +175,11 @@ def _paged_attn_kernel(
         acc = acc * v_scale
     if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
         base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
-        tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc)
+        if SPARSE_MERGE:  # only the rows of real queries, and nothing from a split with no keys (its m is -inf)
+            tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc,
+                     mask=(row_ok & (rows * 0 + lo < hi))[:, None] & d_ok[None, :])
+        else:
+            tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc)
         tl.store(PartML + (base + rows) * 2, m_i)
         tl.store(PartML + (base + rows) * 2 + 1, l_i)
         if FUSED_COMBINE:  # the last split of this (tile, kv head) to finish merges them all
@@ -185,7 +189,7 @@ def _paged_attn_kernel(
                 tl.store(cell, 0)  # reset for the next launch (stream order: no launch is in flight)
                 _combine_tile(Part, PartML, Out, OutScale, Q, tile * tl.num_programs(1) + kv_head,
                               q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh, BLOCK_M, HEAD_DIM, BLOCK_D,
-                              NUM_SPLITS, HAS_OUT_SCALE)
+                              NUM_SPLITS, HAS_OUT_SCALE, SPARSE_MERGE)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if HAS_OUT_SCALE:
@@ -197,9 +201,11 @@ def _paged_attn_kernel(
 @triton.jit
 def _combine_tile(Part, PartML, Out, OutScale, Qref, cell, q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh,
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  HAS_OUT_SCALE: tl.constexpr):
+                  HAS_OUT_SCALE: tl.constexpr, SPARSE_MERGE: tl.constexpr):
     """Merge the NUM_SPLITS partial results of one (tile, kv head) `cell` and store the output (loads through L2:
-    in the fused path other programs wrote the partials during this launch)."""
+    in the fused path other programs wrote the partials during this launch). SPARSE_MERGE: partial outputs are
+    read only where they count (rows of real queries, splits whose weight is not 0): the splits left without
+    keys at short contexts, and the padding rows of a GQA tile, store and load nothing."""
     # all splits' (m, l) in one load, then the partial outputs in an unrolled loop (independent loads in flight
     # together: the combine is latency-bound, not bandwidth-bound)
     sp = tl.arange(0, NUM_SPLITS)
@@ -215,7 +221,12 @@ def _combine_tile(Part, PartML, Out, OutScale, Qref, cell, q_start, tok, head, r
     for s in tl.static_range(NUM_SPLITS):
         base = (first + s) * BLOCK_M
         w = tl.math.exp2(tl.load(PartML + (base + rows) * 2, cache_modifier=".cg") - m_safe)
-        acc += w[:, None] * tl.load(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+        part = Part + (base + rows)[:, None] * BLOCK_D + d[None, :]
+        if SPARSE_MERGE:
+            acc += w[:, None] * tl.load(part, mask=row_ok[:, None] & (w > 0.0)[:, None], other=0.0,
+                                        cache_modifier=".cg")
+        else:
+            acc += w[:, None] * tl.load(part, cache_modifier=".cg")
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     if HAS_OUT_SCALE:
         out = round_e4m3(out.to(Qref.dtype.element_ty).to(tl.float32) / tl.load(OutScale))
@@ -226,7 +237,8 @@ def _combine_tile(Part, PartML, Out, OutScale, Qref, cell, q_start, tok, head, r
 @triton.jit
 def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, tile_tok, stride_ot, stride_oh,
                     GROUP: tl.constexpr, TOK_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr):
+                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+                    SPARSE_MERGE: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = tl.load(tile_req + tile)
@@ -239,7 +251,7 @@ def _combine_kernel(Part, PartML, Out, OutScale, Qref, query_start, tile_req, ti
     row_ok = (rows < TOK_PER_TILE * GROUP) & (tok < q_len)
     _combine_tile(Part, PartML, Out, OutScale, Qref, tile * tl.num_programs(1) + kv_head, q_start, tok, head,
                   row_ok, rows, tl.arange(0, BLOCK_D), stride_ot, stride_oh, BLOCK_M, HEAD_DIM, BLOCK_D, NUM_SPLITS,
-                  HAS_OUT_SCALE)
+                  HAS_OUT_SCALE, SPARSE_MERGE)
 
 
 def split_counters(device: torch.device, cells: int) -> torch.Tensor | None:
@@ -372,6 +384,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         part_ml = torch.empty((n_tiles * num_kv_heads * num_splits * block_m, 2), dtype=torch.float32,
                               device=q.device)
     grid = (n_tiles, num_kv_heads, num_splits)
+    sparse = os.environ.get("LLAMASERVE_ATTN_SPARSE_MERGE", "1") != "0"
     _paged_attn_kernel[grid](
         q, k, v, out, out_scale if out_scale is not None else q, part, part_ml,
         counters if counters is not None else seq_lens, block_tables, seq_lens,
@@ -383,6 +396,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
+        SPARSE_MERGE=sparse,
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )
@@ -390,7 +404,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         _combine_kernel[(n_tiles, num_kv_heads)](
             part, part_ml, out, out_scale if out_scale is not None else q, q, query_start_loc, tile_req, tile_tok,
             out.stride(0), out.stride(1), GROUP=group, TOK_PER_TILE=tok_per_tile, BLOCK_M=block_m,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_OUT_SCALE=out_scale is not None)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_OUT_SCALE=out_scale is not None,
+            SPARSE_MERGE=sparse)
     return out
 
 
