@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.norm_act import norm_warps, round_e4m3
+from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 SMEM_BYTES = 200 * 1024
@@ -149,17 +149,14 @@ def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_
     x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
     x = x + tl.load(R + t * stride_r + cols, mask=mask, other=0.0)
     w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)
-    h = x.to(tl.float32)
-    h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
-    y = tl.load(NW + cols, mask=mask, other=0.0) * h.to(x.dtype)
+    y = rms_normalize(x, NW, cols, mask, H, eps)
     logit = tl.sum(y.to(tl.float32) * w.to(tl.float32), axis=0)
     tl.store(Logits + t * stride_l + e, logit.to(Logits.dtype.element_ty))
     if e == 0:
         tl.store(RNew + t * stride_rn + cols, x, mask=mask)
         tl.store(Y + t * stride_y + cols, y, mask=mask)
         if HAS_COPY:
-            tl.store(Y8 + t * stride_y8 + cols, round_e4m3(y.to(tl.float32) / tl.load(S8)).to(Y8.dtype.element_ty),
-                     mask=mask)
+            _store_out(Y8, t * stride_y8 + cols, y, mask, S8, True)
 
 
 def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,

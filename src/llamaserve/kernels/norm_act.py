@@ -40,6 +40,15 @@ def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
+def rms_normalize(x, W, cols, mask, N, eps):
+    """W * (x / rms(x)) of one row as transformers' LlamaRMSNorm rounds it: float32 statistics, the normalized row
+    cast to x's dtype before the weight (W[cols], masked)."""
+    h = x.to(tl.float32)
+    h = h * tl.math.rsqrt(tl.sum(h * h, 0) / N + eps)
+    return tl.load(W + cols, mask=mask, other=0.0) * h.to(x.dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, stride_y, stride_y8, N, eps,
                      HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
                      HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
@@ -53,11 +62,7 @@ def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, s
     if HAS_RESIDUAL:
         x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         tl.store(R + row * stride_r + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    var = tl.sum(h * h, 0) / N
-    h = h * tl.math.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    y = w * h.to(x.dtype)
+    y = rms_normalize(x, W, cols, mask, N, eps)
     _store_out(Y, row * stride_y + cols, y, mask, S, HAS_SCALE)
     if HAS_COPY:  # a second, FP8 copy of the output (scale S8) for another consumer
         _store_out(Y8, row * stride_y8 + cols, y, mask, S8, True)
