@@ -86,6 +86,22 @@ def test_fp8_matches_fp8_reference_and_grouped_path(static, t, device, monkeypat
     assert (got - grouped).norm() / grouped.norm() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def test_decode_config_override(monkeypatch):
+    """LLAMASERVE_MOE_DECODE_GLU / _DOWN replace the launch parameters (then still fitted to shared memory); a
+    malformed value names the variable and the expected form."""
+    monkeypatch.setenv("LLAMASERVE_MOE_DECODE_DOWN", "32x256x8x3")
+    assert moe_decode.decode_config(5120, 8192, False, 1, 1) == {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8,
+                                                                 "num_stages": 3}
+    assert moe_decode.decode_config(8192, 5120, True, 1, 1)["BLOCK_N"] == 32  # GLU keeps its defaults
+    monkeypatch.setenv("LLAMASERVE_MOE_DECODE_GLU", "64x1024x4x8")
+    c = moe_decode.decode_config(8192, 5120, True, 1, 1)
+    assert c["BLOCK_N"] == 64 and c["num_stages"] * c["BLOCK_K"] * (16 + 2 * 64) <= moe_decode.SMEM_BYTES
+    for bad in ("64x512x4", "64,512,4,4", "0x512x4x4"):
+        monkeypatch.setenv("LLAMASERVE_MOE_DECODE_DOWN", bad)
+        with pytest.raises(ValueError, match="LLAMASERVE_MOE_DECODE_DOWN=.*BLOCK_NxBLOCK_KxWARPSxSTAGES"):
+            moe_decode.decode_config(5120, 8192, False, 1, 1)
+
+
 def test_only_top1_decode_steps_take_this_path(device, monkeypatch):
     """Top-2 routing and steps above DECODE_MAX_PAIRS tokens stay on the grouped path."""
     calls = []

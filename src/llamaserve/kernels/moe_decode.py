@@ -25,6 +25,7 @@ layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as ker
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -201,8 +202,20 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
     rotated): gate-up with SiLU 32 + 32 columns per program, 128-wide K steps, 2 warps, 6 stages: 22.9 us for one
     Scout expert (3.66 TB/s; cuBLAS on the same matrix 22.4 us); down 64 columns, 512-wide K steps, 4 warps, 4
     stages: 14.9 us (2.81 TB/s; cuBLAS 13.5). Narrower K steps, then fewer stages, when the stages would not fit
-    `SMEM_BYTES` (bf16 / fp32 operands) or K is small."""
+    `SMEM_BYTES` (bf16 / fp32 operands) or K is small. LLAMASERVE_MOE_DECODE_GLU / LLAMASERVE_MOE_DECODE_DOWN =
+    "BLOCK_NxBLOCK_KxWARPSxSTAGES" (e.g. 64x512x4x4) override the defaults, for sweeps inside a whole model step
+    (H200 Scout batch 1, 2026-12-01: every other launch tried was slower; docs/performance.md)."""
     block_n, block_k, warps, stages = (32, 128, 2, 6) if glu else (64, 512, 4, 4)
+    name = "LLAMASERVE_MOE_DECODE_GLU" if glu else "LLAMASERVE_MOE_DECODE_DOWN"
+    env = os.environ.get(name)
+    if env:
+        try:
+            block_n, block_k, warps, stages = (int(v) for v in env.split("x"))
+            if min(block_n, block_k, warps, stages) < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{name}={env!r}: expected BLOCK_NxBLOCK_KxWARPSxSTAGES (positive integers), "
+                             "e.g. 64x512x4x4") from None
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     per_k = 16 * a_bytes + (2 if glu else 1) * block_n * w_bytes
     while stages * block_k * per_k > SMEM_BYTES:
