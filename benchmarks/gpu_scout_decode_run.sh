@@ -13,7 +13,7 @@ export PYTHONPATH=${PYTHONPATH:-}:src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moe_decode.py tests/kernels/test_fused_moe.py \
     tests/kernels/test_norm_act.py tests/kernels/test_paged_attention.py tests/kernels/test_rope_kv.py \
-    tests/kernels/test_cuda_graphs.py > "$OUT/gpu_tests.log" 2>&1
+    tests/kernels/test_cuda_graphs.py tests/kernels/test_pdl.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log"
 # a small random Llama 4 in float32 with the Triton kernels (shared-expert stream included) against transformers
 timeout 200 python3 benchmarks/gpu_llama4_check.py > "$OUT/llama4_check.log" 2>&1; tail -4 "$OUT/llama4_check.log"

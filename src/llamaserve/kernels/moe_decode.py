@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
+from llamaserve.kernels.pdl import gdc_wait, pdl_args
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 SMEM_BYTES = 200 * 1024
@@ -41,9 +42,11 @@ SMEM_BYTES = 200 * 1024
 @triton.jit
 def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride_a, H, E: tl.constexpr,
                         FROM_LOGITS: tl.constexpr, QUANT: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     t = tl.program_id(0)
     chunk = tl.program_id(1)
+    if PDL:  # a programmatic dependent (kernels/pdl.py): the logits and x are the previous kernel's outputs
+        gdc_wait()
     if FROM_LOGITS:  # the first largest logit; score = sigmoid(logit) rounded to the logits' dtype
         ee = tl.arange(0, BLOCK_E)
         lg = tl.load(Logits + t * stride_l + ee, mask=ee < E, other=float("-inf")).to(tl.float32)
@@ -139,7 +142,8 @@ def _router_kernel(X, W, Y, stride_x, stride_w, stride_y, H, BLOCK: tl.constexpr
 
 @triton.jit
 def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_r, stride_rw, stride_y, stride_y8,
-                        stride_l, stride_rn, H, eps, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                        stride_l, stride_rn, H, eps, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Program (t, e): y = RMSNorm(x + residual) of token t (kernels/norm_act.py's arithmetic) and the router's
     logit y . W_e (float32 sum rounded to the logits' dtype, as `_router_kernel`). Program (t, 0) also writes
     x + residual to RNew (a new buffer: R is read by every program), y, and y in FP8 with S8 (HAS_COPY)."""
@@ -147,9 +151,11 @@ def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_
     e = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
+    w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)  # a weight: before the wait
+    if PDL:  # a programmatic dependent (kernels/pdl.py): x is the previous kernel's output
+        gdc_wait()
     x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
     x = x + tl.load(R + t * stride_r + cols, mask=mask, other=0.0)
-    w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)
     y = rms_normalize(x, NW, cols, mask, H, eps)
     logit = tl.sum(y.to(tl.float32) * w.to(tl.float32), axis=0)
     tl.store(Logits + t * stride_l + e, logit.to(Logits.dtype.element_ty))
@@ -181,7 +187,8 @@ def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tens
             x, residual, norm_weight, router_weight, y, y8 if y8 is not None else y,
             fp8_copy if fp8_copy is not None else norm_weight, logits, new_residual, x.stride(0), residual.stride(0),
             router_weight.stride(0), y.stride(0), y8.stride(0) if y8 is not None else 0, logits.stride(0),
-            new_residual.stride(0), h, eps, HAS_COPY=fp8_copy is not None, BLOCK=block, num_warps=norm_warps(block))
+            new_residual.stride(0), h, eps, HAS_COPY=fp8_copy is not None, BLOCK=block, num_warps=norm_warps(block),
+            **pdl_args(x.device))
     return y, y8, logits, new_residual
 
 
@@ -273,7 +280,7 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     _route_scale_kernel[(t, triton.cdiv(h, block))](
         x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
-        QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
+        QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, **pdl_args(x.device))
     s2 = a2_scale if fp8 else None
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
     _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llamaserve.kernels.pdl import gdc_wait, pdl_args
+
 
 @triton.jit
 def round_e4m3(y):
@@ -51,10 +53,12 @@ def rms_normalize(x, W, cols, mask, N, eps):
 @triton.jit
 def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, stride_y, stride_y8, N, eps,
                      HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_COPY: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    if PDL:  # a programmatic dependent (kernels/pdl.py): the previous kernel's output is read after this
+        gdc_wait()
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_X2:  # a second addend (the MoE's shared-expert output), summed in x's dtype first
         x2 = tl.load(X2 + row * stride_x2 + cols, mask=mask, other=0.0)
@@ -99,7 +103,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                x.stride(0), x2.stride(0), r.stride(0), y.stride(0), y8.stride(0), n, eps,
                                HAS_X2=add is not None, HAS_RESIDUAL=residual is not None,
                                HAS_SCALE=out_scale is not None, HAS_COPY=fp8_copy is not None,
-                               BLOCK=triton.next_power_of_2(n), num_warps=norm_warps(triton.next_power_of_2(n)))
+                               BLOCK=triton.next_power_of_2(n), num_warps=norm_warps(triton.next_power_of_2(n)),
+                               **pdl_args(x.device))
     return (y, y8) if fp8_copy is not None else y
 
 

@@ -37,6 +37,7 @@ import triton.language as tl
 from llamaserve.device_utils import arrival_counters, h2d
 from llamaserve.kernels import rope_kv
 from llamaserve.kernels.norm_act import round_e4m3
+from llamaserve.kernels.pdl import gdc_wait, pdl_args
 from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperature
 
 
@@ -88,7 +89,7 @@ def _paged_attn_kernel(
     FUSED_COMBINE: tl.constexpr, SPARSE_MERGE: tl.constexpr,
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
-    NORM: tl.constexpr = False, TEMP: tl.constexpr = False,
+    NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -113,11 +114,15 @@ def _paged_attn_kernel(
         pos = tl.load(Pos + q_start + tok0)
         half = tl.arange(0, HALF)
         cos, sin = _cos_sin(Cos, Sin, pos, stride_cos, half, ROPE)
+        if PDL:  # a programmatic dependent (kernels/pdl.py): metadata and RoPE tables above, the QKV output below
+            gdc_wait()
         q1, q2 = _rotate(Q, row_off, head, row_ok, half, cos, sin, HALF, ROPE, NORM, eps)
         if TEMP:
             q1, q2 = _temperature(q1, q2, pos, floor_scale, attn_scale)
         q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
     else:
+        if PDL:
+            gdc_wait()
         q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     out_ty = q.dtype
@@ -396,7 +401,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
-        SPARSE_MERGE=sparse,
+        SPARSE_MERGE=sparse, **pdl_args(q.device),
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )
