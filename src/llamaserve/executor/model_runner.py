@@ -91,7 +91,7 @@ class ModelRunner:
             max_blocks = -(-config.scheduler_config.max_seq_len // self.block_size)
             self.graphs = CudaGraphRunner(self.model, self.graph_sizes, config.cuda_graph_padding,
                                           self.block_size, max_blocks, self.num_blocks * self.block_size,
-                                          self.device)
+                                          self.device, max_sampled=config.scheduler_config.max_batch_size)
             self.graphs.capture()
         self.sampler = Sampler(config.kernel_backend)
         self.rng = random.Random(mc.seed)  # draw seeds of requests without their own seed
@@ -236,29 +236,32 @@ class ModelRunner:
                     prompt_targets.append(req.prompt_token_ids[p + 1])
                     prompt_owner.append(req.request_id)
         dev = self.device
-        ids_t = h2d(input_ids, torch.long, dev)
-        if fill_dst:
-            if self._last_sampled is None:
-                raise RuntimeError("a step has placeholder tokens but no previous step sampled")
-            ids_t[h2d(fill_dst, torch.long, dev)] = self._last_sampled[h2d(fill_src, torch.long, dev)]
-        pos_t = h2d(positions, torch.long, dev)
-        slots_t = h2d(slots, torch.long, dev)
-        tables_t = h2d(block_tables, torch.long, dev)
-        seq_t = h2d(seq_lens, torch.long, dev)
+        if fill_dst and self._last_sampled is None:
+            raise RuntimeError("a step has placeholder tokens but no previous step sampled")
         graph_bs = None
         if self.graphs is not None and len(input_ids) == n_req:  # all decodes
             graph_bs = self.graphs.size_for(n_req)
-        if graph_bs is not None:
-            hidden = self.graphs.run(graph_bs, ids_t, pos_t, slots_t, tables_t, seq_t)
+        if graph_bs is not None:  # inputs in one copy; placeholders from the graph runner's `sampled`
+            hidden = self.graphs.run(graph_bs, input_ids, positions, slots, block_tables, seq_lens,
+                                     dict(zip(fill_dst, fill_src)))
         else:
+            ids_t = h2d(input_ids, torch.long, dev)
+            if fill_dst:
+                ids_t[h2d(fill_dst, torch.long, dev)] = self._last_sampled[h2d(fill_src, torch.long, dev)]
+            pos_t = h2d(positions, torch.long, dev)
+            slots_t = h2d(slots, torch.long, dev)
+            tables_t = h2d(block_tables, torch.long, dev)
+            seq_t = h2d(seq_lens, torch.long, dev)
             cu = [0]
             for q in query_lens:
                 cu.append(cu[-1] + q)
             batch = ForwardBatch(pos_t, slots_t, tables_t, seq_t, h2d(cu, torch.long, dev), seq_lens, query_lens, bs)
             hidden = self.model(ids_t, pos_t, batch)
         pending = PendingOutput(dev)
-        if sample_rows:
-            self._sample(hidden[h2d(sample_rows, torch.long, dev)], sample_reqs, pending)
+        if sample_rows:  # every token of a decode step is sampled: no gather
+            rows = hidden if len(sample_rows) == hidden.shape[0] == len(input_ids) else \
+                hidden[h2d(sample_rows, torch.long, dev)]
+            self._sample(rows, sample_reqs, pending)
         if prompt_rows:
             self._prompt_logprobs(hidden[h2d(prompt_rows, torch.long, dev)], prompt_targets, prompt_owner, sched,
                                   pending)
@@ -274,6 +277,9 @@ class ModelRunner:
                               [r.prompt_token_ids for r in reqs], banned)
         res = self.sampler(logits, md)
         self._last_sampled = res.sampled
+        if self.graphs is not None:  # where the next decode graph reads its placeholder tokens
+            flat = res.sampled.reshape(-1)
+            self.graphs.sampled[: flat.numel()].copy_(flat)
         self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
         pending.sample_ids = [r.request_id for r in reqs]
         pending.logprob_k = [r.sampling_params.logprobs for r in reqs]
