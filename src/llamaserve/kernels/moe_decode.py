@@ -204,6 +204,36 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def launch_from_env(name: str, default: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) from the environment variable `name` ("BLOCK_NxBLOCK_KxWARPSxSTAGES",
+    e.g. 64x512x4x4), else `default`."""
+    env = os.environ.get(name)
+    if not env:
+        return default
+    try:
+        block_n, block_k, warps, stages = (int(v) for v in env.split("x"))
+        if min(block_n, block_k, warps, stages) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}={env!r}: expected BLOCK_NxBLOCK_KxWARPSxSTAGES (positive integers), "
+                         "e.g. 64x512x4x4") from None
+    return block_n, block_k, warps, stages
+
+
+def fit_stages(block_k: int, stages: int, k: int, bytes_per_k: int) -> tuple[int, int]:
+    """BLOCK_K capped at K (rounded up to a power of two, at least 16), then narrower K steps, then fewer stages,
+    until `stages` pipeline stages of `bytes_per_k` bytes per K element fit `SMEM_BYTES`."""
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    while stages * block_k * bytes_per_k > SMEM_BYTES:
+        if block_k > 128:
+            block_k //= 2
+        elif stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
+    return block_k, stages
+
+
 def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict:
     """Launch parameters from the H200 sweep at one token (benchmarks/decode_bench.py, CUDA graphs, 16 experts
     rotated): gate-up with SiLU 32 + 32 columns per program, 128-wide K steps, 2 warps, 6 stages: 22.9 us for one
@@ -212,26 +242,9 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
     `SMEM_BYTES` (bf16 / fp32 operands) or K is small. LLAMASERVE_MOE_DECODE_GLU / LLAMASERVE_MOE_DECODE_DOWN =
     "BLOCK_NxBLOCK_KxWARPSxSTAGES" (e.g. 64x512x4x4) override the defaults, for sweeps inside a whole model step
     (H200 Scout batch 1, 2026-12-01: every other launch tried was slower; docs/performance.md)."""
-    block_n, block_k, warps, stages = (32, 128, 2, 6) if glu else (64, 512, 4, 4)
     name = "LLAMASERVE_MOE_DECODE_GLU" if glu else "LLAMASERVE_MOE_DECODE_DOWN"
-    env = os.environ.get(name)
-    if env:
-        try:
-            block_n, block_k, warps, stages = (int(v) for v in env.split("x"))
-            if min(block_n, block_k, warps, stages) < 1:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{name}={env!r}: expected BLOCK_NxBLOCK_KxWARPSxSTAGES (positive integers), "
-                             "e.g. 64x512x4x4") from None
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    per_k = 16 * a_bytes + (2 if glu else 1) * block_n * w_bytes
-    while stages * block_k * per_k > SMEM_BYTES:
-        if block_k > 128:
-            block_k //= 2
-        elif stages > 2:
-            stages -= 1
-        else:
-            block_k //= 2
+    block_n, block_k, warps, stages = launch_from_env(name, (32, 128, 2, 6) if glu else (64, 512, 4, 4))
+    block_k, stages = fit_stages(block_k, stages, k, 16 * a_bytes + (2 if glu else 1) * block_n * w_bytes)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
