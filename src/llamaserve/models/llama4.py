@@ -167,7 +167,6 @@ class Llama4DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual, out_scale=ff.gate_up_proj.static_input_scale)
         return ff(x), residual
 
-
     def _norm_in_qkv(self, x: torch.Tensor | PendingSum) -> bool:
         """LLAMASERVE_NORM_QKV=1, a decode-sized step (at most norm_gemm.MAX_ROWS tokens), the Triton backend, and
         a qkv projection the kernel runs: FP8 with a static input scale, or unquantized, without bias."""
