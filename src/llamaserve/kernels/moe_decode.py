@@ -68,6 +68,33 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 
 
 @triton.jit
+def stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, up_off, stride_wk, GLU: tl.constexpr, EVEN: tl.constexpr,
+             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The decode GEMM's loop: A [BLOCK_M, K] (rows `row_ok`) times W's columns over all of K, BLOCK_K at a time
+    (a_ptrs / w_ptrs at k = 0, rows / columns of the tile); GLU: also the up columns `up_off` elements after the
+    gate columns. Returns the float32 (gate, up) accumulators (up is zeros without GLU)."""
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:
+            a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk)
+        else:
+            k_ok = (k0 + kk) < K
+            a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision=PREC)
+        if GLU:
+            if EVEN:
+                wu = tl.load(w_ptrs + up_off + k0 * stride_wk)
+            else:
+                wu = tl.load(w_ptrs + up_off + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_u += tl.dot(a, wu, input_precision=PREC)
+    return acc, acc_u
+
+
+@triton.jit
 def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pairs, N, K, up_off,
                         stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
@@ -89,23 +116,8 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + kk[None, :]
     w_ptrs = W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN:
-            a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk)
-        else:
-            k_ok = (k0 + kk) < K
-            a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a, w, input_precision=PREC)
-        if GLU:  # the up columns sit `up_off` elements after the gate columns
-            if EVEN:
-                wu = tl.load(w_ptrs + up_off + k0 * stride_wk)
-            else:
-                wu = tl.load(w_ptrs + up_off + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_u += tl.dot(a, wu, input_precision=PREC)
+    acc, acc_u = stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, up_off, stride_wk, GLU, EVEN, PREC, BLOCK_M, BLOCK_N,
+                          BLOCK_K)
     if FP8:
         scale = tl.load(AScale) * tl.load(WScale + e)
         acc = acc * scale

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.moe_decode import fit_stages, launch_from_env
+from llamaserve.kernels.moe_decode import fit_stages, launch_from_env, stream_k
 from llamaserve.kernels.norm_act import _store_out, rms_normalize
 from llamaserve.kernels.pdl import gdc_wait, pdl_args
 
@@ -61,16 +61,7 @@ def _norm_gemm_kernel(X, X2, R, NW, RNew, A, W, Out, S, WScale, num_rows, N, K, 
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = a_base + rows[:, None] * K + kk[None, :]
     w_ptrs = W + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN:
-            a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk)
-        else:
-            k_ok = (k0 + kk) < K
-            a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a, w, input_precision=PREC)
+    acc, _ = stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, 0, stride_wk, False, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if FP8:
         acc = acc * (tl.load(S) * tl.load(WScale))
     mask = row_ok[:, None] & col_ok[None, :]
