@@ -7,7 +7,7 @@ weights rotated so none is re-read from L2), against cuBLAS and the HBM copy cei
 - decode MoE GEMMs (kernels/moe_decode.py) at one token: a launch sweep of the gate-up (SiLU fused) and the down
   projection of one expert (16 experts rotated), the down weights also with rows padded past 8,192 bytes;
   cuBLAS FP8 on one expert's matrices as the reference; the whole decode MoE step at 1..16 tokens against the
-  grouped path (kernels/fused_moe.py).
+  grouped path (kernels/fused_moe.py), and with the routing inside the gate-up GEMM (kernels/moe_route_gemm.py).
 - Scout's dense FP8 layers at one token (qkv, o, shared gate-up / down): cuBLAS `_scaled_mm` against the decode
   kernel as a one-expert MoE GEMM.
 - attention at batch 1 (40 query / 8 KV heads, FP8 KV, 256 and 2,048 tokens of context) by split-KV count;
@@ -104,6 +104,9 @@ def moe_gemms(res: dict, hbm: float, quick: bool) -> None:
         step = partial(fm.fused_moe, xb, gu, dn, None, None, one, one, s, s, shared=shared, router_logits=logits)
         row = {"experts_hit": hit, "floor_us": round(hit * 3 * H * INTER / hbm / 1e6, 1),
                "decode": graph_us([step] * 4)}
+        os.environ["LLAMASERVE_MOE_ROUTE_IN_GEMM"] = "1"  # the routing inside the gate-up GEMM (moe_route_gemm)
+        row["decode_route_in_gemm"] = graph_us([step] * 4)
+        os.environ.pop("LLAMASERVE_MOE_ROUTE_IN_GEMM")
         saved, md.DECODE_MAX_PAIRS = md.DECODE_MAX_PAIRS, 0
         try:
             row["grouped"] = graph_us([step] * 4)

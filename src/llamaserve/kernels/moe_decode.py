@@ -68,12 +68,18 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 
 
 @triton.jit
-def stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, up_off, stride_wk, GLU: tl.constexpr, EVEN: tl.constexpr,
-             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The decode GEMM's loop: A [BLOCK_M, K] (rows `row_ok`) times W's columns over all of K, BLOCK_K at a time
-    (a_ptrs / w_ptrs at k = 0, rows / columns of the tile); GLU: also the up columns `up_off` elements after the
-    gate columns. Returns the float32 (gate, up) accumulators (up is zeros without GLU)."""
+def stream_k(A, stride_am, W, e, stride_we, stride_wk, stride_wn, rows, row_ok, n_tile, N, K, up_off, AScale,
+             WScale, FP8: tl.constexpr, GLU: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The decode GEMM's weight stream: A's rows [BLOCK_M, K] (`row_ok`) times expert e's columns
+    [n_tile * BLOCK_N, +BLOCK_N) of W over all of K, BLOCK_K at a time; GLU: also the up columns `up_off` elements
+    after the gate columns. Returns the float32 (gate, up) accumulators, scaled by AScale * WScale[e] for FP8 (up
+    is zeros without GLU), and the tile's columns and their mask."""
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     kk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + kk[None, :]
+    w_ptrs = W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -91,7 +97,23 @@ def stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, up_off, stride_wk, GLU: tl.const
             else:
                 wu = tl.load(w_ptrs + up_off + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc_u += tl.dot(a, wu, input_precision=PREC)
-    return acc, acc_u
+    if FP8:
+        scale = tl.load(AScale) * tl.load(WScale + e)
+        acc = acc * scale
+        acc_u = acc_u * scale
+    return acc, acc_u, cols, col_ok
+
+
+@triton.jit
+def glu_out(acc, acc_u, Ref, OScale, QUANT_OUT: tl.constexpr):
+    """silu(gate) * up from the float32 accumulators with the reference's roundings to Ref's dtype (the model's):
+    GEMM output, silu, product; QUANT_OUT: then to FP8 values with the static scale OScale."""
+    dt = Ref.dtype.element_ty
+    g = acc.to(dt).to(tl.float32)
+    y = (g / (1.0 + tl.exp(-g))).to(dt) * acc_u.to(dt)
+    if QUANT_OUT:
+        y = round_e4m3(y.to(tl.float32) / tl.load(OScale))
+    return y
 
 
 @triton.jit
@@ -111,24 +133,13 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
         if tl.sum(((ids == e) & (rows < p)).to(tl.int32), axis=0) > 0:
             return  # an earlier token has this expert: its program computes every row of the expert
         row_ok = ids == e
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    kk = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rows[:, None] * stride_am + kk[None, :]
-    w_ptrs = W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
-    acc, acc_u = stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, up_off, stride_wk, GLU, EVEN, PREC, BLOCK_M, BLOCK_N,
-                          BLOCK_K)
-    if FP8:
-        scale = tl.load(AScale) * tl.load(WScale + e)
-        acc = acc * scale
-        acc_u = acc_u * scale
+    acc, acc_u, cols, col_ok = stream_k(A, stride_am, W, e, stride_we, stride_wk, stride_wn, rows, row_ok,
+                                        tl.program_id(1), N, K, up_off, AScale, WScale, FP8, GLU, EVEN, PREC,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     dt = Ref.dtype.element_ty  # the model dtype, where the reference rounds
-    if GLU:  # silu(gate) * up with the reference's roundings: GEMM output, silu, product
-        g = acc.to(dt).to(tl.float32)
-        y = (g / (1.0 + tl.exp(-g))).to(dt) * acc_u.to(dt)
-        if QUANT_OUT:
-            y = round_e4m3(y.to(tl.float32) / tl.load(OScale))
+    if GLU:
+        y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT)
     else:
         y = acc.to(dt)
         if ADD:  # the shared expert's output, added as the reference's `shared + routed` in the model dtype
@@ -286,7 +297,7 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                      router_logits: torch.Tensor | None) -> torch.Tensor:
     """kernels/fused_moe.py's `fused_moe` for top-1 routing and 1..DECODE_MAX_PAIRS tokens (same arguments; a
     callable `shared` is called right before the down GEMM, which adds its result)."""
-    from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
+    from llamaserve.layers.quantization import dynamic_scale
 
     t, h = x.shape
     num_experts, _, two_i = gate_up.shape
@@ -295,6 +306,13 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     fp8 = gate_up.dtype == torch.float8_e4m3fn
     s1 = (a1_scale if a1_scale is not None else dynamic_scale(x)) if fp8 else None
     from_logits = router_logits is not None
+    s2 = a2_scale if fp8 else None
+    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
+    from llamaserve.kernels import moe_route_gemm
+
+    if from_logits and (a1_scale is not None or not fp8) and moe_route_gemm.enabled():  # one launch
+        ids, _ = moe_route_gemm.route_gate_up(x, router_logits, gate_up, gate_up_scale, s1, act, s2)
+        return _down(act, down, ids, x, s2, down_scale, shared, fp8)
     if from_logits:
         ids = torch.empty(t, dtype=torch.int64, device=x.device)
         scores = torch.empty(t, dtype=torch.float32, device=x.device)
@@ -306,14 +324,22 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
         QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, **pdl_args(x.device))
-    s2 = a2_scale if fp8 else None
-    act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
     _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
+    return _down(act, down, ids, x, s2, down_scale, shared, fp8)
+
+
+def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, s2: torch.Tensor | None,
+          down_scale: torch.Tensor | None, shared: torch.Tensor | Callable[[], torch.Tensor] | None,
+          fp8: bool) -> torch.Tensor:
+    """The routed down projection of `fused_moe_decode` (the activation quantized first when its scale is
+    dynamic), adding the shared expert's output."""
+    from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
+
     if fp8 and s2 is None:  # dynamic: the activation's amax first
         s2 = dynamic_scale(act)
         act = quantize_fp8(act, s2)
-    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
-    _gemm(act, down, out, ids, h, False, s2, down_scale, x, add=shared() if callable(shared) else shared)
+    out = torch.empty_like(x)
+    _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=shared() if callable(shared) else shared)
     return out
 
 

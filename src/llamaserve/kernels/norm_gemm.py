@@ -56,14 +56,8 @@ def _norm_gemm_kernel(X, X2, R, NW, RNew, A, W, Out, S, WScale, num_rows, N, K, 
     tl.debug_barrier()  # the scratch rows, written by all of this program's threads, are read by all of them
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    kk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_base + rows[:, None] * K + kk[None, :]
-    w_ptrs = W + kk[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
-    acc, _ = stream_k(a_ptrs, w_ptrs, row_ok, col_ok, K, 0, stride_wk, False, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    if FP8:
-        acc = acc * (tl.load(S) * tl.load(WScale))
+    acc, _, cols, col_ok = stream_k(a_base, K, W, pid * 0, 0, stride_wk, stride_wn, rows, row_ok, pid, N, K, 0, S,
+                                    WScale, FP8, False, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
