@@ -62,18 +62,25 @@ def align_by_expert_torch(top_ids: torch.Tensor, num_experts: int, block_m: int
 
 
 @triton.jit
+def top1_rows(Logits, rows, ok, stride_l, E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Top-1 routing of the rows `rows` (mask `ok`) of Logits [T, E]: each row's first largest logit, and its
+    score sigmoid(logit) rounded to the logits' dtype (as float32)."""
+    ee = tl.arange(0, BLOCK_E)
+    lg = tl.load(Logits + rows[:, None] * stride_l + ee[None, :], mask=ok[:, None] & (ee[None, :] < E),
+                 other=float("-inf")).to(tl.float32)
+    best = tl.max(lg, axis=1)
+    ids = tl.min(tl.where(lg == best[:, None], ee[None, :], BLOCK_E), axis=1)
+    return ids, tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _align_kernel(Ids, Logits, Scores, SortedPairs, BlockExpert, n, num_blocks, stride_l,
                   E: tl.constexpr, FROM_LOGITS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     p = tl.arange(0, BLOCK_P)
     ok = p < n
     if FROM_LOGITS:  # top-1 routing: the first largest logit, score = sigmoid(logit) rounded to the logits' dtype
-        ee = tl.arange(0, BLOCK_E)
-        lg = tl.load(Logits + p[:, None] * stride_l + ee[None, :], mask=ok[:, None] & (ee[None, :] < E),
-                     other=float("-inf")).to(tl.float32)
-        best = tl.max(lg, axis=1)
-        ids = tl.min(tl.where(lg == best[:, None], ee[None, :], BLOCK_E), axis=1)
-        score = tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
+        ids, score = top1_rows(Logits, p, ok, stride_l, E, BLOCK_E)
         tl.store(Scores + p, score, mask=ok)
         tl.store(Ids + p, ids.to(Ids.dtype.element_ty), mask=ok)
         ids = tl.where(ok, ids, -1)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamaserve.kernels.fused_moe import top1_rows
 from llamaserve.kernels.moe_decode import decode_config, glu_out, stream_k
 from llamaserve.kernels.norm_act import round_e4m3
 
@@ -36,13 +37,8 @@ def _route_glu_kernel(X, Logits, Ids, Scores, S, Scratch, W, Out, WScale, OScale
     nt = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     live = rows < num_pairs
-    ee = tl.arange(0, BLOCK_E)
-    # each row's first largest logit; score = sigmoid(logit) rounded to the logits' dtype (_route_scale_kernel)
-    lg = tl.load(Logits + rows[:, None] * stride_l + ee[None, :], mask=live[:, None] & (ee[None, :] < E),
-                 other=float("-inf")).to(tl.float32)
-    best = tl.max(lg, axis=1)
-    ids = tl.where(live, tl.min(tl.where(lg == best[:, None], ee[None, :], BLOCK_E), axis=1), -1)
-    scores = tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
+    ids, scores = top1_rows(Logits, rows, live, stride_l, E, BLOCK_E)  # as _route_scale_kernel routes
+    ids = tl.where(live, ids, -1)
     if (p == 0) & (nt == 0):
         tl.store(Ids + rows, ids.to(Ids.dtype.element_ty), mask=live)
         tl.store(Scores + rows, scores, mask=live)
