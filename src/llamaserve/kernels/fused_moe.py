@@ -148,23 +148,32 @@ def route_top1(logits: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.
 
 
 @triton.jit
+def block_rows(BlockExpert, SortedPairs, num_pairs, N, TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A grouped MoE GEMM program's tile (row block program_id(0), column block program_id(1)): the block's expert
+    (-1: an empty block, the program has nothing to do), its (token, expert) pairs and their mask, the rows of A
+    they read (gate-up reads tokens, down reads pairs), the output columns and their mask."""
+    pid_m = tl.program_id(0)
+    e = tl.load(BlockExpert + pid_m)
+    pairs = tl.load(SortedPairs + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    a_rows = pairs // TOP_K if A_PER_TOKEN else pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, pairs, row_ok, a_rows, cols, cols < N
+
+
+@triton.jit
 def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, Scores, AScale, WScale, Add,
                      num_pairs, N, K, k_split, TOP_K: tl.constexpr, stride_am, stride_we, stride_wk, stride_wn,
                      stride_om, stride_os, stride_add,
                      A_PER_TOKEN: tl.constexpr, MUL_SCORE: tl.constexpr, QUANT_A: tl.constexpr, FP8: tl.constexpr,
                      ADD: tl.constexpr, PARTIAL: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    e = tl.load(BlockExpert + pid_m)
+    e, pairs, row_ok, a_rows, cols, col_ok = block_rows(BlockExpert, SortedPairs, num_pairs, N, TOP_K, A_PER_TOKEN,
+                                                        BLOCK_M, BLOCK_N)
     if e < 0:
         return
-    pairs = tl.load(SortedPairs + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pairs < num_pairs
-    a_rows = pairs // TOP_K if A_PER_TOKEN else pairs  # gate-up reads tokens, down reads pairs
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pid_s = tl.program_id(2)
     kk = tl.arange(0, BLOCK_K)
     k_lo = pid_s * k_split
     k_hi = tl.minimum(K, k_lo + k_split)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.fused_moe import align_by_expert
+from llamaserve.kernels.fused_moe import align_by_expert, block_rows
 from llamaserve.kernels.norm_act import silu_and_mul
 
 
@@ -134,16 +134,10 @@ def _nvfp4_moe_kernel(A, W, S, G, Out, SortedPairs, BlockExpert, Scores, num_pai
                       stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
                       A_PER_TOKEN: tl.constexpr, MUL_SCORE: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(BlockExpert + pid_m)
+    e, pairs, row_ok, a_rows, cols, n_ok = block_rows(BlockExpert, SortedPairs, num_pairs, N, TOP_K, A_PER_TOKEN,
+                                                      BLOCK_M, BLOCK_N)
     if e < 0:
         return
-    pairs = tl.load(SortedPairs + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pairs < num_pairs
-    a_rows = pairs // TOP_K if A_PER_TOKEN else pairs  # gate-up reads tokens, down reads pairs
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < N
     kk = tl.arange(0, BLOCK_K)
     kb = tl.arange(0, BLOCK_K // 2)
     ks = tl.arange(0, BLOCK_K // 16)
