@@ -9,8 +9,10 @@ is one `torch._scaled_mm`. Activations: static scale when there is one (x / inpu
 dynamic per-tensor otherwise (amax / 448, computed on the device: no host sync, CUDA-graph safe). A caller may pass
 an input already quantized with `static_input_scale` (the fused RMSNorm / SiLU kernels do), which skips the step.
 
-`torch._scaled_mm` runs on CUDA (FP8 tensor cores) and on CPU; `reference_fp8_linear` is the spec it is tested
-against (dequantize both operands, matmul in float32). LLAMASERVE_FP8_SMALL_M=triton sends calls of at most
+`torch._scaled_mm` runs on CUDA (FP8 tensor cores); on the CPU the same product runs as a float32 matmul of the
+FP8 values, scaled after (torch 2.13's CPU `_scaled_mm` took 25 ms per row of a 576 x 1536 GEMM on a 2-core Xeon,
+a float32 matmul 0.3 ms, equal to 1e-5). `reference_fp8_linear` is the spec both are tested against (dequantize
+both operands, matmul in float32). LLAMASERVE_FP8_SMALL_M=triton sends calls of at most
 16 rows on CUDA to the Triton kernel kernels/fp8_gemv.py instead; the default stays cuBLAS, which measured
 faster on the H200 (3.54 against 3.19 TB/s of weight streamed at batch 1; 8B batch-1 decode step 3.29 against
 4.01 ms; docs/performance.md).
@@ -173,8 +175,12 @@ class Fp8LinearMethod:
 
             y = fp8_gemv(xq, sx, layer.weight, layer.weight_scale, layer.bias, layer.out_dtype)
             return y.reshape(*shape[:-1], y.shape[-1])
-        y = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale, bias=layer.bias,
-                             out_dtype=layer.out_dtype)
+        if not xq.is_cuda:  # _scaled_mm's arithmetic (float32 sums, then both scales) as a float32 matmul
+            y = (xq.float() @ layer.weight.float().t()) * (sx * layer.weight_scale)
+            y = (y + layer.bias.float() if layer.bias is not None else y).to(layer.out_dtype)
+        else:
+            y = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale, bias=layer.bias,
+                                 out_dtype=layer.out_dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
