@@ -19,7 +19,9 @@ row, so three kernels do the whole step:
 `router_logits` computes the router's logits for such steps in one kernel (`norm_router`: with the RMSNorm before
 it, one launch), and `glu_decode` runs a dense gate-up
 layer with its SiLU through the same GEMM kernel (one "expert"): layers/moe.py uses both for Llama 4.
-Launch parameters: `decode_config` (H200 sweep, benchmarks/decode_bench.py). Reference:
+Launch parameters: `decode_config` (H200 sweep, benchmarks/decode_bench.py). The GEMM's weight stream (`stream_k`)
+and GLU epilogue (`glu_out`) are jit helpers that kernels/norm_gemm.py and kernels/moe_route_gemm.py (the
+experimental input-norm-in-qkv and routing-in-gate-up kernels) run too. Reference:
 layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as kernels/fused_moe.py's.
 """
 
