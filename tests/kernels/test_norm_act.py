@@ -123,3 +123,26 @@ def test_silu_and_mul_fp8_out(device):
     torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=0.125)
     if dtype == torch.float32:
         assert (got.float() == want.float()).float().mean() > 0.99
+
+
+def test_early_loads_change_no_byte(device, monkeypatch):
+    """The norm kernels with the weight and scales loaded first (the default) and after the statistics
+    (LLAMASERVE_NORM_EARLY_LOADS=0): the same bytes, for rms_norm (residual, addend, FP8 output and copy) and the
+    fused norm + router."""
+    from llamaserve.kernels.moe_decode import norm_router
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(7)
+    x, add, res = (torch.randn(3, 5120, generator=gen).to(device, dtype) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(5120, generator=gen)).to(device, dtype)
+    rw = (torch.randn(16, 5120, generator=gen) * 0.01).to(device, dtype)
+    s, s8 = torch.tensor(0.02, device=device), torch.tensor(0.03, device=device)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLAMASERVE_NORM_EARLY_LOADS", flag)
+        r = res.clone()
+        y, y8 = rms_norm(x, w, 1e-5, r, out_scale=s, fp8_copy=s8, add=add)
+        outs[flag] = [y.view(torch.uint8), y8.view(torch.uint8), r, *norm_router(x, res, w, 1e-5, rw, s8)]
+    for a, b in zip(outs["1"], outs["0"]):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)

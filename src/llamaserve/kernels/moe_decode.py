@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
+from llamaserve.kernels.norm_act import _store_out, early_loads, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import gdc_wait, pdl_args
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
@@ -168,7 +168,7 @@ def _router_kernel(X, W, Y, stride_x, stride_w, stride_y, H, BLOCK: tl.constexpr
 @triton.jit
 def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_r, stride_rw, stride_y, stride_y8,
                         stride_l, stride_rn, H, eps, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """Program (t, e): y = RMSNorm(x + residual) of token t (kernels/norm_act.py's arithmetic) and the router's
     logit y . W_e (float32 sum rounded to the logits' dtype, as `_router_kernel`). Program (t, 0) also writes
     x + residual to RNew (a new buffer: R is read by every program), y, and y in FP8 with S8 (HAS_COPY)."""
@@ -177,18 +177,23 @@ def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)  # a weight: before the wait
+    nw, s8 = None, None
+    if EARLY:  # the norm weight and the copy's scale too (norm_act.early_loads)
+        nw = tl.load(NW + cols, mask=mask, other=0.0)
+        if HAS_COPY:
+            s8 = tl.load(S8)
     if PDL:  # a programmatic dependent (kernels/pdl.py): x is the previous kernel's output
         gdc_wait()
     x = tl.load(X + t * stride_x + cols, mask=mask, other=0.0)
     x = x + tl.load(R + t * stride_r + cols, mask=mask, other=0.0)
-    y = rms_normalize(x, NW, cols, mask, H, eps)
+    y = rms_normalize(x, NW, cols, mask, H, eps, nw)
     logit = tl.sum(y.to(tl.float32) * w.to(tl.float32), axis=0)
     tl.store(Logits + t * stride_l + e, logit.to(Logits.dtype.element_ty))
     if e == 0:
         tl.store(RNew + t * stride_rn + cols, x, mask=mask)
         tl.store(Y + t * stride_y + cols, y, mask=mask)
         if HAS_COPY:
-            _store_out(Y8, t * stride_y8 + cols, y, mask, S8, True)
+            _store_out(Y8, t * stride_y8 + cols, y, mask, S8, True, s8)
 
 
 def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -213,7 +218,7 @@ def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tens
             fp8_copy if fp8_copy is not None else norm_weight, logits, new_residual, x.stride(0), residual.stride(0),
             router_weight.stride(0), y.stride(0), y8.stride(0) if y8 is not None else 0, logits.stride(0),
             new_residual.stride(0), h, eps, HAS_COPY=fp8_copy is not None, BLOCK=block, num_warps=norm_warps(block),
-            **pdl_args(x.device))
+            EARLY=early_loads(), **pdl_args(x.device))
     return y, y8, logits, new_residual
 
 

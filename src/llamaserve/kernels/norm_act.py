@@ -35,28 +35,49 @@ def round_e4m3(y):
 
 
 @triton.jit
-def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr):
+def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr, s=None):
+    """y to Y (masked), as FP8 values y / S when HAS_SCALE (`s`: S already loaded, else loaded here)."""
     if HAS_SCALE:
-        y = round_e4m3(y.to(tl.float32) / tl.load(S))
+        if s is None:
+            s = tl.load(S)
+        y = round_e4m3(y.to(tl.float32) / s)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def rms_normalize(x, W, cols, mask, N, eps):
+def rms_normalize(x, W, cols, mask, N, eps, w=None):
     """W * (x / rms(x)) of one row as transformers' LlamaRMSNorm rounds it: float32 statistics, the normalized row
-    cast to x's dtype before the weight (W[cols], masked)."""
+    cast to x's dtype before the weight (W[cols], masked). `w`: W[cols] already loaded (before a PDL wait, see
+    `early_loads`); None: loaded here, after the statistics (a CTA barrier of the reduction sits before it)."""
     h = x.to(tl.float32)
     h = h * tl.math.rsqrt(tl.sum(h * h, 0) / N + eps)
-    return tl.load(W + cols, mask=mask, other=0.0) * h.to(x.dtype)
+    if w is None:
+        w = tl.load(W + cols, mask=mask, other=0.0)
+    return w * h.to(x.dtype)
+
+
+def early_loads() -> bool:
+    """The norm kernels load their weight and output scales first (before a PDL wait, else with x), instead of
+    after the row's statistics: the loads are then not an L2 round trip on the critical path after the
+    reduction's CTA barriers. Same values, same results. LLAMASERVE_NORM_EARLY_LOADS=0: the old order (an A/B)."""
+    return os.environ.get("LLAMASERVE_NORM_EARLY_LOADS", "1") != "0"
 
 
 @triton.jit
 def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, stride_y, stride_y8, N, eps,
                      HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_COPY: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                     HAS_COPY: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                     EARLY: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w, s, s8 = None, None, None
+    if EARLY:  # what no earlier kernel writes: the weight and the output scales (early_loads)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        if HAS_SCALE:
+            s = tl.load(S)
+        if HAS_COPY:
+            s8 = tl.load(S8)
     if PDL:  # a programmatic dependent (kernels/pdl.py): the previous kernel's output is read after this
         gdc_wait()
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
@@ -66,10 +87,10 @@ def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, s
     if HAS_RESIDUAL:
         x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         tl.store(R + row * stride_r + cols, x, mask=mask)
-    y = rms_normalize(x, W, cols, mask, N, eps)
-    _store_out(Y, row * stride_y + cols, y, mask, S, HAS_SCALE)
+    y = rms_normalize(x, W, cols, mask, N, eps, w)
+    _store_out(Y, row * stride_y + cols, y, mask, S, HAS_SCALE, s)
     if HAS_COPY:  # a second, FP8 copy of the output (scale S8) for another consumer
-        _store_out(Y8, row * stride_y8 + cols, y, mask, S8, True)
+        _store_out(Y8, row * stride_y8 + cols, y, mask, S8, True, s8)
 
 
 def norm_warps(block: int) -> int:
@@ -104,7 +125,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                HAS_X2=add is not None, HAS_RESIDUAL=residual is not None,
                                HAS_SCALE=out_scale is not None, HAS_COPY=fp8_copy is not None,
                                BLOCK=triton.next_power_of_2(n), num_warps=norm_warps(triton.next_power_of_2(n)),
-                               **pdl_args(x.device))
+                               EARLY=early_loads(), **pdl_args(x.device))
     return (y, y8) if fp8_copy is not None else y
 
 

@@ -40,6 +40,10 @@ def _norm_gemm_kernel(X, X2, R, NW, RNew, A, W, Out, S, WScale, num_rows, N, K, 
     hc = tl.arange(0, BLOCK_H)
     hmask = hc < K
     a_base = A + pid.to(tl.int64) * stride_ap  # this program's normalized rows [num_rows, K]
+    nw = tl.load(NW + hc, mask=hmask, other=0.0)  # what no earlier kernel writes, first (norm_act.early_loads)
+    s = None
+    if FP8:
+        s = tl.load(S)
     if PDL:  # a programmatic dependent (kernels/pdl.py): x, x2 and the residual are earlier kernels' outputs
         gdc_wait()
     for r in range(0, num_rows):  # kernels/norm_act.py's _rms_norm_kernel, row by row
@@ -51,8 +55,8 @@ def _norm_gemm_kernel(X, X2, R, NW, RNew, A, W, Out, S, WScale, num_rows, N, K, 
             x = x + tl.load(R + r * stride_r + hc, mask=hmask, other=0.0)
             if pid == 0:
                 tl.store(RNew + r * stride_rn + hc, x, mask=hmask)
-        y = rms_normalize(x, NW, hc, hmask, K, eps)
-        _store_out(a_base, r * K + hc, y, hmask, S, FP8)
+        y = rms_normalize(x, NW, hc, hmask, K, eps, nw)
+        _store_out(a_base, r * K + hc, y, hmask, S, FP8, s)
     tl.debug_barrier()  # the scratch rows, written by all of this program's threads, are read by all of them
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
