@@ -127,7 +127,7 @@ def test_silu_and_mul_fp8_out(device):
 
 def test_early_loads_change_no_byte(device, monkeypatch):
     """The norm kernels with the weight and scales loaded first (the default) and after the statistics
-    (LLAMASERVE_NORM_EARLY_LOADS=0): the same bytes, for rms_norm (residual, addend, FP8 output and copy) and the
+    (LLAMASERVE_EARLY_LOADS=0): the same bytes, for rms_norm (residual, addend, FP8 output and copy) and the
     fused norm + router."""
     from llamaserve.kernels.moe_decode import norm_router
 
@@ -139,7 +139,7 @@ def test_early_loads_change_no_byte(device, monkeypatch):
     s, s8 = torch.tensor(0.02, device=device), torch.tensor(0.03, device=device)
     outs = {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("LLAMASERVE_NORM_EARLY_LOADS", flag)
+        monkeypatch.setenv("LLAMASERVE_EARLY_LOADS", flag)
         r = res.clone()
         y, y8 = rms_norm(x, w, 1e-5, r, out_scale=s, fp8_copy=s8, add=add)
         outs[flag] = [y.view(torch.uint8), y8.view(torch.uint8), r, *norm_router(x, res, w, 1e-5, rw, s8)]

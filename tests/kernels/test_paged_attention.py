@@ -113,8 +113,11 @@ def _check_case(case, kv_dtype, device, num_splits=None, dtype=None, **local):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-def test_fp8_output(device):
-    """With out_scale the kernel writes the reference output quantized to FP8 (what a static-scaled o_proj takes)."""
+@pytest.mark.parametrize("early", ["1", "0"])
+def test_fp8_output(early, device, monkeypatch):
+    """With out_scale the kernel writes the reference output quantized to FP8 (what a static-scaled o_proj takes);
+    the scale loaded first (LLAMASERVE_EARLY_LOADS, the default) or where it is used."""
+    monkeypatch.setenv("LLAMASERVE_EARLY_LOADS", early)
     from llamaserve.layers.quantization import quantize_fp8
 
     hq, hkv, d, bs = 8, 2, 64, 16

@@ -29,17 +29,25 @@ def test_pdl_args_only_where_the_device_can(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl_args(cuda) == {}
     monkeypatch.delenv("TRITON_INTERPRET")
+    assert pdl.trigger_early(cuda, "LLAMASERVE_TEST_TRIGGER")  # an early trigger needs what PDL needs
+    monkeypatch.setenv("LLAMASERVE_TEST_TRIGGER", "0")
+    assert not pdl.trigger_early(cuda, "LLAMASERVE_TEST_TRIGGER")
+    monkeypatch.delenv("LLAMASERVE_TEST_TRIGGER")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert pdl.pdl_args(cuda) == {}
+    assert not pdl.trigger_early(cuda, "LLAMASERVE_TEST_TRIGGER")
+    assert not pdl.trigger_early(torch.device("cpu"), "LLAMASERVE_TEST_TRIGGER")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs a Hopper+ GPU; the launch decision is tested above")
 def test_pdl_kernels_match_ordinary_launches(monkeypatch):
-    """A chain norm -> norm + router -> routing -> norm, each kernel a programmatic dependent of the one before,
-    gives exactly the bytes of ordinary launches, eagerly and replayed from a CUDA graph."""
+    """A chain norm -> norm + router -> routing -> norm + GEMM (which triggers its dependent early) -> norm, each
+    kernel a programmatic dependent of the one before, gives exactly the bytes of ordinary launches, eagerly and
+    replayed from a CUDA graph."""
     from llamaserve.kernels import moe_decode
     from llamaserve.kernels.norm_act import rms_norm
+    from llamaserve.kernels.norm_gemm import norm_linear
 
     assert pdl.pdl_args(torch.device("cuda")) == PDL_ON
     gen = torch.Generator().manual_seed(5)
@@ -50,13 +58,15 @@ def test_pdl_kernels_match_ordinary_launches(monkeypatch):
     rw = (torch.randn(e, h, generator=gen) * h**-0.5).cuda().bfloat16()
     gu = (torch.randn(e, 64, h, generator=gen) * h**-0.5).cuda().bfloat16().transpose(1, 2)
     dn = (torch.randn(e, h, 32, generator=gen) * 32**-0.5).cuda().bfloat16().transpose(1, 2)
+    w = (torch.randn(h, h, generator=gen) * h**-0.5).cuda().bfloat16()
 
     def chain():
         r = res.clone()
         y = rms_norm(x, nw, 1e-5, r)
         y2, _, logits, new_r = moe_decode.norm_router(y, r, nw, 1e-5, rw, None)
         out = moe_decode.fused_moe_decode(y2, gu, dn, None, None, None, None, None, None, None, logits)
-        return torch.cat([rms_norm(out, nw, 1e-5, new_r), logits.repeat(1, h // e)])
+        qkv, r3 = norm_linear(out, new_r, None, nw, 1e-5, w, None, None, torch.bfloat16)
+        return torch.cat([rms_norm(qkv, nw, 1e-5, r3), logits.repeat(1, h // e)])
 
     monkeypatch.setenv("LLAMASERVE_PDL", "0")
     want = chain()

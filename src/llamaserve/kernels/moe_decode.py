@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.norm_act import _store_out, early_loads, norm_warps, rms_normalize, round_e4m3
-from llamaserve.kernels.pdl import gdc_wait, pdl_args
+from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
+from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 SMEM_BYTES = 200 * 1024
@@ -178,7 +178,7 @@ def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_
     mask = cols < H
     w = tl.load(RW + e * stride_rw + cols, mask=mask, other=0.0)  # a weight: before the wait
     nw, s8 = None, None
-    if EARLY:  # the norm weight and the copy's scale too (norm_act.early_loads)
+    if EARLY:  # the norm weight and the copy's scale too (pdl.early_loads)
         nw = tl.load(NW + cols, mask=mask, other=0.0)
         if HAS_COPY:
             s8 = tl.load(S8)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.pdl import gdc_wait, pdl_args
+from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
 
 
 @triton.jit
@@ -48,19 +48,12 @@ def _store_out(Y, offs, y, mask, S, HAS_SCALE: tl.constexpr, s=None):
 def rms_normalize(x, W, cols, mask, N, eps, w=None):
     """W * (x / rms(x)) of one row as transformers' LlamaRMSNorm rounds it: float32 statistics, the normalized row
     cast to x's dtype before the weight (W[cols], masked). `w`: W[cols] already loaded (before a PDL wait, see
-    `early_loads`); None: loaded here, after the statistics (a CTA barrier of the reduction sits before it)."""
+    kernels/pdl.py's `early_loads`); None: loaded here, after the statistics (behind the reduction's CTA barrier)."""
     h = x.to(tl.float32)
     h = h * tl.math.rsqrt(tl.sum(h * h, 0) / N + eps)
     if w is None:
         w = tl.load(W + cols, mask=mask, other=0.0)
     return w * h.to(x.dtype)
-
-
-def early_loads() -> bool:
-    """The norm kernels load their weight and output scales first (before a PDL wait, else with x), instead of
-    after the row's statistics: the loads are then not an L2 round trip on the critical path after the
-    reduction's CTA barriers. Same values, same results. LLAMASERVE_NORM_EARLY_LOADS=0: the old order (an A/B)."""
-    return os.environ.get("LLAMASERVE_NORM_EARLY_LOADS", "1") != "0"
 
 
 @triton.jit

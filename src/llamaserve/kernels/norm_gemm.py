@@ -12,7 +12,9 @@ The reference is `rms_norm` followed by the layer's own GEMM (`torch._scaled_mm`
 weights); the two agree up to the GEMM's summation order. Off by default until measured on the GPU:
 LLAMASERVE_NORM_QKV=1 turns it on for Llama 4 (models/llama4.py); LLAMASERVE_NORM_QKV_CONFIG =
 "BLOCK_NxBLOCK_KxWARPSxSTAGES" sets the launch (default 32x256x4x4); LLAMASERVE_NORM_QKV_PDL=1 launches it as a
-programmatic dependent (kernels/pdl.py; off by default, as for the other decode GEMMs).
+programmatic dependent (kernels/pdl.py; off by default, as for the other decode GEMMs). Each program calls
+`gdc_launch_dependents` first (LLAMASERVE_NORM_QKV_TRIGGER=0: not), so the split decode attention after it, a
+PDL launch, can start and read its metadata and RoPE tables while the qkv weights stream.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import triton.language as tl
 
 from llamaserve.kernels.moe_decode import fit_stages, launch_from_env, stream_k
 from llamaserve.kernels.norm_act import _store_out, rms_normalize
-from llamaserve.kernels.pdl import gdc_wait, pdl_args
+from llamaserve.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
 MAX_ROWS = 4  # rows are normalized one after another by every program: beyond a few, a separate norm is faster
 
@@ -35,12 +37,14 @@ def _norm_gemm_kernel(X, X2, R, NW, RNew, A, W, Out, S, WScale, num_rows, N, K, 
                       stride_x, stride_x2, stride_r, stride_rn, stride_ap, stride_wk, stride_wn, stride_om,
                       HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8: tl.constexpr, EVEN: tl.constexpr,
                       PREC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     pid = tl.program_id(0)
+    if TRIGGER:  # the next kernel (attention, a PDL launch) may start its part before its wait beside this one
+        gdc_launch_dependents()
     hc = tl.arange(0, BLOCK_H)
     hmask = hc < K
     a_base = A + pid.to(tl.int64) * stride_ap  # this program's normalized rows [num_rows, K]
-    nw = tl.load(NW + hc, mask=hmask, other=0.0)  # what no earlier kernel writes, first (norm_act.early_loads)
+    nw = tl.load(NW + hc, mask=hmask, other=0.0)  # what no earlier kernel writes, first (pdl.early_loads)
     s = None
     if FP8:
         s = tl.load(S)
@@ -104,10 +108,11 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, add: torch.Tenso
     # not a programmatic dependent by default: the decode GEMMs launched so measured slower (kernels/pdl.py)
     pdl = pdl_args(x.device) if os.environ.get("LLAMASERVE_NORM_QKV_PDL") == "1" else {}
     r = residual if residual is not None else x
+    trigger = trigger_early(x.device, "LLAMASERVE_NORM_QKV_TRIGGER")
     _norm_gemm_kernel[(grid,)](
         x, x2, r, norm_weight, new_residual, scratch, weight, out, a_scale if fp8 else x, w_scale if fp8 else x,
         t, n, k, eps, x.stride(0), x2.stride(0), r.stride(0), new_residual.stride(0), scratch.stride(0),
         weight.stride(1), weight.stride(0), out.stride(0), HAS_X2=add is not None, HAS_RESIDUAL=residual is not None,
         FP8=fp8, EVEN=even, PREC="ieee" if weight.dtype == torch.float32 else "tf32",
-        BLOCK_H=triton.next_power_of_2(k), BLOCK_M=16, **cfg, **pdl)
+        BLOCK_H=triton.next_power_of_2(k), BLOCK_M=16, TRIGGER=trigger, **cfg, **pdl)
     return out, new_residual

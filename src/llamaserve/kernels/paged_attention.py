@@ -37,7 +37,7 @@ import triton.language as tl
 from llamaserve.device_utils import arrival_counters, h2d
 from llamaserve.kernels import rope_kv
 from llamaserve.kernels.norm_act import round_e4m3
-from llamaserve.kernels.pdl import gdc_wait, pdl_args
+from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
 from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperature
 
 
@@ -89,7 +89,7 @@ def _paged_attn_kernel(
     FUSED_COMBINE: tl.constexpr, SPARSE_MERGE: tl.constexpr,
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
-    NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False,
+    NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -107,6 +107,9 @@ def _paged_attn_kernel(
     q_pos = ctx - q_len + tok  # absolute position of each row's token
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    out_s = None
+    if EARLY and HAS_OUT_SCALE:  # the FP8 output scale first, not after the merge (pdl.early_loads)
+        out_s = tl.load(OutScale)
 
     if FUSED_ROPE:  # decode: Q is the QKV projection's output; q rotated here as kernels/rope_kv.py does
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -194,11 +197,13 @@ def _paged_attn_kernel(
                 tl.store(cell, 0)  # reset for the next launch (stream order: no launch is in flight)
                 _combine_tile(Part, PartML, Out, OutScale, Q, tile * tl.num_programs(1) + kv_head,
                               q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh, BLOCK_M, HEAD_DIM, BLOCK_D,
-                              NUM_SPLITS, HAS_OUT_SCALE, SPARSE_MERGE)
+                              NUM_SPLITS, HAS_OUT_SCALE, SPARSE_MERGE, out_s)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if HAS_OUT_SCALE:
-            out = round_e4m3(out.to(out_ty).to(tl.float32) / tl.load(OutScale))
+            if out_s is None:
+                out_s = tl.load(OutScale)
+            out = round_e4m3(out.to(out_ty).to(tl.float32) / out_s)
         o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -206,7 +211,7 @@ def _paged_attn_kernel(
 @triton.jit
 def _combine_tile(Part, PartML, Out, OutScale, Qref, cell, q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh,
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  HAS_OUT_SCALE: tl.constexpr, SPARSE_MERGE: tl.constexpr):
+                  HAS_OUT_SCALE: tl.constexpr, SPARSE_MERGE: tl.constexpr, out_s=None):
     """Merge the NUM_SPLITS partial results of one (tile, kv head) `cell` and store the output (loads through L2:
     in the fused path other programs wrote the partials during this launch). SPARSE_MERGE: partial outputs are
     read only where they count (rows of real queries, splits whose weight is not 0): the splits left without
@@ -233,8 +238,10 @@ def _combine_tile(Part, PartML, Out, OutScale, Qref, cell, q_start, tok, head, r
         else:
             acc += w[:, None] * tl.load(part, cache_modifier=".cg")
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    if HAS_OUT_SCALE:
-        out = round_e4m3(out.to(Qref.dtype.element_ty).to(tl.float32) / tl.load(OutScale))
+    if HAS_OUT_SCALE:  # `out_s`: OutScale already loaded
+        if out_s is None:
+            out_s = tl.load(OutScale)
+        out = round_e4m3(out.to(Qref.dtype.element_ty).to(tl.float32) / out_s)
     o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
@@ -401,7 +408,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
-        SPARSE_MERGE=sparse, **pdl_args(q.device),
+        SPARSE_MERGE=sparse, EARLY=early_loads(), **pdl_args(q.device),
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )

@@ -23,11 +23,27 @@ import os
 import torch
 
 try:  # Triton >= 3.4
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty, so gdc_wait is never traced
-    gdc_wait = None
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty, so neither is ever traced
+    gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["gdc_wait", "pdl_args"]
+__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "pdl_args", "trigger_early"]
+
+
+def early_loads() -> bool:
+    """Latency-bound kernels load what no earlier kernel writes (weights, scales) first, before their PDL wait,
+    instead of where the arithmetic needs it (for the norms: after the row's statistics, behind the reduction's
+    CTA barriers; for attention's FP8 output scale: after the merge). Same values, same results.
+    LLAMASERVE_EARLY_LOADS=0: the old order (an A/B switch)."""
+    return os.environ.get("LLAMASERVE_EARLY_LOADS", "1") != "0"
+
+
+def trigger_early(device: torch.device, name: str) -> bool:
+    """Whether a kernel calls `gdc_launch_dependents()` at its start, so that its programmatic dependent (launched
+    with PDL) may launch as soon as every program of this one has started, and run the part before its
+    `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs; the environment
+    variable `name` = 0 turns it off (an A/B switch)."""
+    return bool(pdl_args(device)) and gdc_launch_dependents is not None and os.environ.get(name, "1") != "0"
 
 
 def pdl_args(device: torch.device) -> dict:
