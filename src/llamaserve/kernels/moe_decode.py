@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
-from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
+from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 SMEM_BYTES = 200 * 1024
@@ -123,7 +123,9 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
                         stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
                         SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRIGGER: tl.constexpr = False):
+    if TRIGGER:  # the next kernel, a PDL launch, may start its part before its wait beside this one
+        gdc_launch_dependents()
     p = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     if SINGLE:  # a dense layer: one "expert" for every row
@@ -280,9 +282,10 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int, glu: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
-          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
+          add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None,
+          trigger: bool = False) -> None:
     """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n); ids None: every
-    row takes W[0] (a dense layer)."""
+    row takes W[0] (a dense layer). `trigger`: let the next kernel launch early (pdl.trigger_early)."""
     num_pairs, k = a.shape
     cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -294,7 +297,7 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor
         out_scale if out_scale is not None else dummy, ref, num_pairs, n, k, n * w.stride(2), a.stride(0),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
         FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None, EVEN=even,
-        PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, **cfg)
+        PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, TRIGGER=trigger, **cfg)
 
 
 def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor | None,
@@ -339,14 +342,17 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
           down_scale: torch.Tensor | None, shared: torch.Tensor | Callable[[], torch.Tensor] | None,
           fp8: bool) -> torch.Tensor:
     """The routed down projection of `fused_moe_decode` (the activation quantized first when its scale is
-    dynamic), adding the shared expert's output."""
+    dynamic), adding the shared expert's output. It calls `gdc_launch_dependents` first, so the next layer's input
+    norm (a PDL launch) can start and load its weight while the down weights stream (pdl.trigger_early;
+    LLAMASERVE_MOE_DOWN_TRIGGER=0: not)."""
     from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
 
     if fp8 and s2 is None:  # dynamic: the activation's amax first
         s2 = dynamic_scale(act)
         act = quantize_fp8(act, s2)
     out = torch.empty_like(x)
-    _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=shared() if callable(shared) else shared)
+    _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=shared() if callable(shared) else shared,
+          trigger=trigger_early(x.device, "LLAMASERVE_MOE_DOWN_TRIGGER"))
     return out
 
 
