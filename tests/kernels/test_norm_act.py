@@ -127,9 +127,10 @@ def test_silu_and_mul_fp8_out(device):
 
 def test_early_loads_change_no_byte(device, monkeypatch):
     """The norm kernels with the weight and scales loaded first (the default) and after the statistics
-    (LLAMASERVE_EARLY_LOADS=0): the same bytes, for rms_norm (residual, addend, FP8 output and copy) and the
-    fused norm + router."""
-    from llamaserve.kernels.moe_decode import norm_router
+    (LLAMASERVE_EARLY_LOADS=0): the same bytes, for rms_norm (residual, addend, FP8 output and copy), the fused
+    norm + router, and the decode MoE's routing kernel with a static FP8 input scale."""
+    from llamaserve.kernels.moe_decode import fused_moe_decode, norm_router
+    from llamaserve.layers.quantization import quantize_fp8
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator().manual_seed(7)
@@ -143,6 +144,11 @@ def test_early_loads_change_no_byte(device, monkeypatch):
         r = res.clone()
         y, y8 = rms_norm(x, w, 1e-5, r, out_scale=s, fp8_copy=s8, add=add)
         outs[flag] = [y.view(torch.uint8), y8.view(torch.uint8), r, *norm_router(x, res, w, 1e-5, rw, s8)]
+        logits = outs[flag][-2]
+        gu = quantize_fp8(torch.randn(16, 5120, 64, generator=torch.Generator().manual_seed(1)).to(device) * 0.02, s)
+        dn = quantize_fp8(torch.randn(16, 32, 5120, generator=torch.Generator().manual_seed(2)).to(device) * 0.1, s)
+        outs[flag].append(fused_moe_decode(x, gu, dn, None, None, s.expand(16).contiguous(), s.expand(16).contiguous(),
+                                           s, s8, None, logits))
     for a, b in zip(outs["1"], outs["0"]):
         assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)

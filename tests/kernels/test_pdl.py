@@ -29,14 +29,14 @@ def test_pdl_args_only_where_the_device_can(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl_args(cuda) == {}
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert pdl.trigger_early(cuda, "LLAMASERVE_TEST_TRIGGER")  # an early trigger needs what PDL needs
-    monkeypatch.setenv("LLAMASERVE_TEST_TRIGGER", "0")
-    assert not pdl.trigger_early(cuda, "LLAMASERVE_TEST_TRIGGER")
-    monkeypatch.delenv("LLAMASERVE_TEST_TRIGGER")
+    assert pdl.trigger_early(cuda)  # an early trigger needs what PDL needs
+    monkeypatch.setenv("LLAMASERVE_PDL_TRIGGER", "0")
+    assert not pdl.trigger_early(cuda)
+    monkeypatch.delenv("LLAMASERVE_PDL_TRIGGER")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert pdl.pdl_args(cuda) == {}
-    assert not pdl.trigger_early(cuda, "LLAMASERVE_TEST_TRIGGER")
-    assert not pdl.trigger_early(torch.device("cpu"), "LLAMASERVE_TEST_TRIGGER")
+    assert not pdl.trigger_early(cuda)
+    assert not pdl.trigger_early(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,

@@ -44,9 +44,12 @@ SMEM_BYTES = 200 * 1024
 @triton.jit
 def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride_a, H, E: tl.constexpr,
                         FROM_LOGITS: tl.constexpr, QUANT: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     t = tl.program_id(0)
     chunk = tl.program_id(1)
+    s = None
+    if EARLY and QUANT:  # the static input scale before the wait (pdl.early_loads)
+        s = tl.load(S)
     if PDL:  # a programmatic dependent (kernels/pdl.py): the logits and x are the previous kernel's outputs
         gdc_wait()
     if FROM_LOGITS:  # the first largest logit; score = sigmoid(logit) rounded to the logits' dtype
@@ -65,7 +68,9 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
     x = tl.load(X + t.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
     a = (x.to(tl.float32) * score).to(X.dtype.element_ty)  # as the reference's x * score in x's dtype
     if QUANT:
-        a = round_e4m3(a.to(tl.float32) / tl.load(S))
+        if s is None:
+            s = tl.load(S)
+        a = round_e4m3(a.to(tl.float32) / s)
     tl.store(A + t.to(tl.int64) * stride_a + cols, a.to(A.dtype.element_ty), mask=mask)
 
 
@@ -170,10 +175,12 @@ def _router_kernel(X, W, Y, stride_x, stride_w, stride_y, H, BLOCK: tl.constexpr
 @triton.jit
 def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_r, stride_rw, stride_y, stride_y8,
                         stride_l, stride_rn, H, eps, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+                        PDL: tl.constexpr = False, EARLY: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     """Program (t, e): y = RMSNorm(x + residual) of token t (kernels/norm_act.py's arithmetic) and the router's
     logit y . W_e (float32 sum rounded to the logits' dtype, as `_router_kernel`). Program (t, 0) also writes
     x + residual to RNew (a new buffer: R is read by every program), y, and y in FP8 with S8 (HAS_COPY)."""
+    if TRIGGER:  # the routing kernel after it (a PDL launch) may start beside it (pdl.trigger_early)
+        gdc_launch_dependents()
     t = tl.program_id(0)
     e = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
@@ -220,7 +227,7 @@ def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tens
             fp8_copy if fp8_copy is not None else norm_weight, logits, new_residual, x.stride(0), residual.stride(0),
             router_weight.stride(0), y.stride(0), y8.stride(0) if y8 is not None else 0, logits.stride(0),
             new_residual.stride(0), h, eps, HAS_COPY=fp8_copy is not None, BLOCK=block, num_warps=norm_warps(block),
-            EARLY=early_loads(), **pdl_args(x.device))
+            EARLY=early_loads(), TRIGGER=trigger_early(x.device), **pdl_args(x.device))
     return y, y8, logits, new_residual
 
 
@@ -333,7 +340,8 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     _route_scale_kernel[(t, triton.cdiv(h, block))](
         x, router_logits if from_logits else x, ids, scores, s1 if fp8 else scores, a, x.stride(0),
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
-        QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, **pdl_args(x.device))
+        QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, EARLY=early_loads(),
+        **pdl_args(x.device))
     _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
     return _down(act, down, ids, x, s2, down_scale, shared, fp8)
 
@@ -343,8 +351,7 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
           fp8: bool) -> torch.Tensor:
     """The routed down projection of `fused_moe_decode` (the activation quantized first when its scale is
     dynamic), adding the shared expert's output. It calls `gdc_launch_dependents` first, so the next layer's input
-    norm (a PDL launch) can start and load its weight while the down weights stream (pdl.trigger_early;
-    LLAMASERVE_MOE_DOWN_TRIGGER=0: not)."""
+    norm (a PDL launch) can start and load its weight while the down weights stream (pdl.trigger_early)."""
     from llamaserve.layers.quantization import dynamic_scale, quantize_fp8
 
     if fp8 and s2 is None:  # dynamic: the activation's amax first
@@ -352,7 +359,7 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
         act = quantize_fp8(act, s2)
     out = torch.empty_like(x)
     _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=shared() if callable(shared) else shared,
-          trigger=trigger_early(x.device, "LLAMASERVE_MOE_DOWN_TRIGGER"))
+          trigger=trigger_early(x.device))
     return out
 
 

@@ -13,7 +13,7 @@ weights); the two agree up to the GEMM's summation order. Off by default until m
 LLAMASERVE_NORM_QKV=1 turns it on for Llama 4 (models/llama4.py); LLAMASERVE_NORM_QKV_CONFIG =
 "BLOCK_NxBLOCK_KxWARPSxSTAGES" sets the launch (default 32x256x4x4); LLAMASERVE_NORM_QKV_PDL=1 launches it as a
 programmatic dependent (kernels/pdl.py; off by default, as for the other decode GEMMs). Each program calls
-`gdc_launch_dependents` first (LLAMASERVE_NORM_QKV_TRIGGER=0: not), so the split decode attention after it, a
+`gdc_launch_dependents` first (pdl.trigger_early), so the split decode attention after it, a
 PDL launch, can start and read its metadata and RoPE tables while the qkv weights stream.
 """
 
@@ -108,7 +108,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, add: torch.Tenso
     # not a programmatic dependent by default: the decode GEMMs launched so measured slower (kernels/pdl.py)
     pdl = pdl_args(x.device) if os.environ.get("LLAMASERVE_NORM_QKV_PDL") == "1" else {}
     r = residual if residual is not None else x
-    trigger = trigger_early(x.device, "LLAMASERVE_NORM_QKV_TRIGGER")
+    trigger = trigger_early(x.device)
     _norm_gemm_kernel[(grid,)](
         x, x2, r, norm_weight, new_residual, scratch, weight, out, a_scale if fp8 else x, w_scale if fp8 else x,
         t, n, k, eps, x.stride(0), x2.stride(0), r.stride(0), new_residual.stride(0), scratch.stride(0),

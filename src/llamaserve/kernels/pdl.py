@@ -38,12 +38,14 @@ def early_loads() -> bool:
     return os.environ.get("LLAMASERVE_EARLY_LOADS", "1") != "0"
 
 
-def trigger_early(device: torch.device, name: str) -> bool:
+def trigger_early(device: torch.device) -> bool:
     """Whether a kernel calls `gdc_launch_dependents()` at its start, so that its programmatic dependent (launched
     with PDL) may launch as soon as every program of this one has started, and run the part before its
-    `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs; the environment
-    variable `name` = 0 turns it off (an A/B switch)."""
-    return bool(pdl_args(device)) and gdc_launch_dependents is not None and os.environ.get(name, "1") != "0"
+    `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs;
+    LLAMASERVE_PDL_TRIGGER=0 turns it off (an A/B switch). Used by the routed down GEMM of a decode MoE step (its
+    dependent: the next layer's input norm), norm + router (the routing kernel) and norm_gemm (split attention)."""
+    return bool(pdl_args(device)) and gdc_launch_dependents is not None and \
+        os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
 
 
 def pdl_args(device: torch.device) -> dict:
