@@ -128,7 +128,8 @@ def test_silu_and_mul_fp8_out(device):
 def test_early_loads_change_no_byte(device, monkeypatch):
     """The norm kernels with the weight and scales loaded first (the default) and after the statistics
     (LLAMASERVE_EARLY_LOADS=0): the same bytes, for rms_norm (residual, addend, FP8 output and copy), the fused
-    norm + router, and the decode MoE's routing kernel with a static FP8 input scale."""
+    norm + router, and the decode MoE's routing kernel and GEMMs (their scales loaded before the weight loop) with
+    static FP8 scales."""
     from llamaserve.kernels.moe_decode import fused_moe_decode, norm_router
     from llamaserve.layers.quantization import quantize_fp8
 

@@ -77,11 +77,15 @@ def _route_scale_kernel(X, Logits, Ids, Scores, S, A, stride_x, stride_l, stride
 @triton.jit
 def stream_k(A, stride_am, W, e, stride_we, stride_wk, stride_wn, rows, row_ok, n_tile, N, K, up_off, AScale,
              WScale, FP8: tl.constexpr, GLU: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr = False):
     """The decode GEMM's weight stream: A's rows [BLOCK_M, K] (`row_ok`) times expert e's columns
     [n_tile * BLOCK_N, +BLOCK_N) of W over all of K, BLOCK_K at a time; GLU: also the up columns `up_off` elements
     after the gate columns. Returns the float32 (gate, up) accumulators, scaled by AScale * WScale[e] for FP8 (up
-    is zeros without GLU), and the tile's columns and their mask."""
+    is zeros without GLU), and the tile's columns and their mask. EARLY (pdl.early_loads): the scales are loaded
+    before the loop, not after it (where their L2 round trip is the program's last wait before its store)."""
+    scale = None
+    if FP8 and EARLY:
+        scale = tl.load(AScale) * tl.load(WScale + e)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     kk = tl.arange(0, BLOCK_K)
@@ -105,21 +109,25 @@ def stream_k(A, stride_am, W, e, stride_we, stride_wk, stride_wn, rows, row_ok, 
                 wu = tl.load(w_ptrs + up_off + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc_u += tl.dot(a, wu, input_precision=PREC)
     if FP8:
-        scale = tl.load(AScale) * tl.load(WScale + e)
+        if scale is None:
+            scale = tl.load(AScale) * tl.load(WScale + e)
         acc = acc * scale
         acc_u = acc_u * scale
     return acc, acc_u, cols, col_ok
 
 
 @triton.jit
-def glu_out(acc, acc_u, Ref, OScale, QUANT_OUT: tl.constexpr):
+def glu_out(acc, acc_u, Ref, OScale, QUANT_OUT: tl.constexpr, o_s=None):
     """silu(gate) * up from the float32 accumulators with the reference's roundings to Ref's dtype (the model's):
-    GEMM output, silu, product; QUANT_OUT: then to FP8 values with the static scale OScale."""
+    GEMM output, silu, product; QUANT_OUT: then to FP8 values with the static scale OScale (`o_s`: already
+    loaded)."""
     dt = Ref.dtype.element_ty
     g = acc.to(dt).to(tl.float32)
     y = (g / (1.0 + tl.exp(-g))).to(dt) * acc_u.to(dt)
     if QUANT_OUT:
-        y = round_e4m3(y.to(tl.float32) / tl.load(OScale))
+        if o_s is None:
+            o_s = tl.load(OScale)
+        y = round_e4m3(y.to(tl.float32) / o_s)
     return y
 
 
@@ -128,9 +136,13 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
                         stride_am, stride_we, stride_wk, stride_wn, stride_om, stride_add,
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
                         SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRIGGER: tl.constexpr = False):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRIGGER: tl.constexpr = False,
+                        EARLY: tl.constexpr = False):
     if TRIGGER:  # the next kernel, a PDL launch, may start its part before its wait beside this one
         gdc_launch_dependents()
+    o_s = None
+    if EARLY and QUANT_OUT:  # the output scale now, not after the loop (pdl.early_loads)
+        o_s = tl.load(OScale)
     p = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     if SINGLE:  # a dense layer: one "expert" for every row
@@ -144,11 +156,11 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
         row_ok = ids == e
     acc, acc_u, cols, col_ok = stream_k(A, stride_am, W, e, stride_we, stride_wk, stride_wn, rows, row_ok,
                                         tl.program_id(1), N, K, up_off, AScale, WScale, FP8, GLU, EVEN, PREC,
-                                        BLOCK_M, BLOCK_N, BLOCK_K)
+                                        BLOCK_M, BLOCK_N, BLOCK_K, EARLY)
     mask = row_ok[:, None] & col_ok[None, :]
     dt = Ref.dtype.element_ty  # the model dtype, where the reference rounds
     if GLU:
-        y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT)
+        y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT, o_s)
     else:
         y = acc.to(dt)
         if ADD:  # the shared expert's output, added as the reference's `shared + routed` in the model dtype
@@ -304,7 +316,8 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor
         out_scale if out_scale is not None else dummy, ref, num_pairs, n, k, n * w.stride(2), a.stride(0),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
         FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None, EVEN=even,
-        PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, TRIGGER=trigger, **cfg)
+        PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, TRIGGER=trigger, EARLY=early_loads(),
+        **cfg)
 
 
 def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor | None,

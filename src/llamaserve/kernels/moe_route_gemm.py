@@ -25,6 +25,7 @@ import triton.language as tl
 from llamaserve.kernels.fused_moe import top1_rows
 from llamaserve.kernels.moe_decode import decode_config, glu_out, stream_k
 from llamaserve.kernels.norm_act import round_e4m3
+from llamaserve.kernels.pdl import early_loads
 
 
 @triton.jit
@@ -32,8 +33,11 @@ def _route_glu_kernel(X, Logits, Ids, Scores, S, Scratch, W, Out, WScale, OScale
                       stride_x, stride_l, stride_sp, stride_we, stride_wk, stride_wn, stride_om, E: tl.constexpr,
                       FP8: tl.constexpr, QUANT_OUT: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, EARLY: tl.constexpr = False):
     p = tl.program_id(0)
+    o_s = None
+    if EARLY and QUANT_OUT:  # the output scale now, not after the loop (pdl.early_loads)
+        o_s = tl.load(OScale)
     nt = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     live = rows < num_pairs
@@ -59,8 +63,9 @@ def _route_glu_kernel(X, Logits, Ids, Scores, S, Scratch, W, Out, WScale, OScale
             tl.store(scratch + r * K + hc, a.to(Scratch.dtype.element_ty), mask=hmask)
     tl.debug_barrier()  # the scratch rows, written by all of this program's threads, are read by all of them
     acc, acc_u, cols, col_ok = stream_k(scratch, K, W, e, stride_we, stride_wk, stride_wn, rows, row_ok, nt, N, K,
-                                        up_off, S, WScale, FP8, True, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT)
+                                        up_off, S, WScale, FP8, True, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        EARLY)
+    y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT, o_s)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
@@ -94,5 +99,6 @@ def route_gate_up(x: torch.Tensor, logits: torch.Tensor, gate_up: torch.Tensor, 
         inter * gate_up.stride(2), x.stride(0), logits.stride(0), scratch.stride(0), gate_up.stride(0),
         gate_up.stride(1), gate_up.stride(2), act.stride(0), E=num_experts, FP8=fp8,
         QUANT_OUT=out_scale is not None, EVEN=even, PREC="ieee" if gate_up.dtype == torch.float32 else "tf32",
-        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_H=triton.next_power_of_2(h), BLOCK_M=16, **cfg)
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_H=triton.next_power_of_2(h), BLOCK_M=16,
+        EARLY=early_loads(), **cfg)
     return ids, scores

@@ -65,7 +65,7 @@ def _norm_gemm_kernel(X, X2, R, NW, RNew, A, W, Out, S, WScale, num_rows, N, K, 
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
     acc, _, cols, col_ok = stream_k(a_base, K, W, pid * 0, 0, stride_wk, stride_wn, rows, row_ok, pid, N, K, 0, S,
-                                    WScale, FP8, False, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                                    WScale, FP8, False, EVEN, PREC, BLOCK_M, BLOCK_N, BLOCK_K, True)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
