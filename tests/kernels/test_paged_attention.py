@@ -186,9 +186,38 @@ def test_rope_inside_split_decode_attention(variant, kv_dtype, local, device, mo
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))
     monkeypatch.undo()
+    monkeypatch.setenv("LLAMASERVE_EARLY_LOADS", "0")  # and with the loads where they are used: the same bytes
+    early_off_cache = cache.clone()
+    assert torch.equal(run(early_off_cache, qkv, 4, rope=rope).float(), got)
+    assert torch.equal(early_off_cache.view(torch.uint8), want_cache.view(torch.uint8))
+    monkeypatch.delenv("LLAMASERVE_EARLY_LOADS")
     for splits, env in ((4, "0"), (1, "1")):
         monkeypatch.setenv("LLAMASERVE_ATTN_FUSED_ROPE", env)
         got_cache = cache.clone()
         torch.testing.assert_close(run(got_cache, qkv, splits, rope=rope).float(), run(want_cache, q, splits).float(),
                                    atol=tol, rtol=tol)
         assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))
+
+
+@pytest.mark.parametrize("local,num_splits", [({}, None), ({}, 4), ({"chunk_size": 32}, 4), ({"sliding_window": 20},
+                                                                                             None)])
+def test_early_loads_same_bytes(local, num_splits, device, monkeypatch):
+    """The first key tile's block-table entries and the FP8 output scale loaded first (LLAMASERVE_EARLY_LOADS, the
+    default) or where they are used: the same output bytes, for prefill chunks and decode rows, split or not,
+    global, chunked and sliding-window attention, with an FP8 cache and output."""
+    hq, hkv, d, bs = 4, 2, 32, 16
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    ctx, ql = ([130, 5, 17, 64], [1, 1, 1, 1]) if num_splits else ([1, 37, 50, 70], [1, 37, 1, 13])
+    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 3
+    batch = _batch(ctx, ql, bs, num_blocks, device, gen)
+    cache = torch.randn(2, num_blocks * bs, hkv, d, generator=gen).to(device, dtype).to(torch.float8_e4m3fn)
+    q = torch.randn(sum(ql), hq, d, generator=gen).to(device, dtype)
+    out_scale = torch.tensor(0.01, device=device)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLAMASERVE_EARLY_LOADS", flag)
+        outs.append(paged_attention(q, cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, ql, bs,
+                                    d**-0.5, 0.05, 0.08, num_splits=num_splits, out_scale=out_scale, **local))
+    assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8))
+    assert outs[0].float().abs().sum() > 0

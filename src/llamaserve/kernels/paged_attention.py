@@ -45,11 +45,15 @@ from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperatur
 def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_head, d, d_ok, stride_kslot,
                 stride_kh,
                 qk_scale, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
-                PREC: tl.constexpr, MASKED: tl.constexpr):
-    """One BLOCK_N tile of keys/values into the online softmax (base 2). MASKED: causal and bounds masks."""
+                PREC: tl.constexpr, MASKED: tl.constexpr, blk_lo=None, at_lo=False):
+    """One BLOCK_N tile of keys/values into the online softmax (base 2). MASKED: causal and bounds masks.
+    `blk_lo`: the block-table entries of the program's first tile, loaded earlier; used when `at_lo`."""
     pos = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         pos_ok = pos < hi
+    if blk_lo is not None and at_lo:
+        blk = blk_lo  # (masked beyond hi like the masked load below; an unmasked tile lies below hi)
+    elif MASKED:
         blk = tl.load(table + pos // PAGE, mask=pos_ok, other=0)
     else:
         blk = tl.load(table + pos // PAGE)
@@ -107,9 +111,30 @@ def _paged_attn_kernel(
     q_pos = ctx - q_len + tok  # absolute position of each row's token
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    # the keys this program walks, [lo, hi): from the step's metadata only
+    # keys beyond the last query token of this tile are masked for every row: stop there
+    last = tl.minimum(ctx, ctx - q_len + tok0 + TOK_PER_TILE)
+    lo = 0
+    q_lo = q_pos * 0  # lowest visible key of each row
+    if LOCAL == 1:  # chunked local attention
+        q_lo = q_pos // window * window
+        lo = (ctx - q_len + tok0) // window * window // BLOCK_N * BLOCK_N
+    elif LOCAL == 2:  # sliding window
+        q_lo = tl.maximum(q_pos - window + 1, 0)
+        lo = tl.maximum(ctx - q_len + tok0 - window + 1, 0) // BLOCK_N * BLOCK_N
+    hi = last
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(last - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(last, lo + chunk)
     out_s = None
-    if EARLY and HAS_OUT_SCALE:  # the FP8 output scale first, not after the merge (pdl.early_loads)
-        out_s = tl.load(OutScale)
+    blk_lo = None
+    if EARLY:  # what no earlier kernel writes, before the wait (pdl.early_loads): the FP8 output scale (else
+        # loaded after the merge) and the block-table entries of the first key tile (else loaded after q)
+        if HAS_OUT_SCALE:
+            out_s = tl.load(OutScale)
+        pos_lo = lo + tl.arange(0, BLOCK_N)
+        blk_lo = tl.load(block_tables + req * stride_bt + pos_lo // PAGE, mask=pos_lo < hi, other=0)
 
     if FUSED_ROPE:  # decode: Q is the QKV projection's output; q rotated here as kernels/rope_kv.py does
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -135,21 +160,6 @@ def _paged_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # keys beyond the last query token of this tile are masked for every row: stop there
-    last = tl.minimum(ctx, ctx - q_len + tok0 + TOK_PER_TILE)
-    lo = 0
-    q_lo = q_pos * 0  # lowest visible key of each row
-    if LOCAL == 1:  # chunked local attention
-        q_lo = q_pos // window * window
-        lo = (ctx - q_len + tok0) // window * window // BLOCK_N * BLOCK_N
-    elif LOCAL == 2:  # sliding window
-        q_lo = tl.maximum(q_pos - window + 1, 0)
-        lo = tl.maximum(ctx - q_len + tok0 - window + 1, 0) // BLOCK_N * BLOCK_N
-    hi = last
-    if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(last - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = lo + split * chunk
-        hi = tl.minimum(last, lo + chunk)
     if FUSED_ROPE:  # the split that holds the step's own position writes its key and value first
         if (ctx - 1 >= lo) & (ctx - 1 < hi):
             hk = kv_head + tl.arange(0, 2)  # one KV head (a 2-row tile, the second masked)
@@ -174,11 +184,11 @@ def _paged_attn_kernel(
     for n0 in range(lo, full, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
                                     row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
-                                    BLOCK_N, PAGE, FP8, PREC, False)
+                                    BLOCK_N, PAGE, FP8, PREC, False, blk_lo, n0 == lo)
     for n0 in range(full, hi, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
                                     row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
-                                    BLOCK_N, PAGE, FP8, PREC, True)
+                                    BLOCK_N, PAGE, FP8, PREC, True, blk_lo, n0 == lo)
     if FP8:
         acc = acc * v_scale
     if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
