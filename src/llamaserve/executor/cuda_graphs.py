@@ -83,7 +83,7 @@ class CudaGraphRunner:
         for bs in reversed(self.sizes):
             batch = self._batch(bs)
             self.batches[bs] = batch  # keeps the tile tables the graph reads alive
-            self._pad(bs, 0)
+            self._fill(bs, [], [], [], np.zeros((0, 0), dtype=np.int64), [], {})  # all padding rows
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._forward(bs, batch)  # warm-up (autotuning, allocations)
@@ -107,25 +107,16 @@ class CudaGraphRunner:
             return None
         return next((s for s in self.sizes if s >= n), None)
 
-    def _pad(self, bs: int, n: int) -> None:
-        """Rows n..bs of the size-bs buffers as padding (scratch slot, empty context), on the device."""
-        ids, positions, slots, seq_lens, row, tables = self.views(bs)
-        for t in (ids, positions, seq_lens, tables):
-            t[n:].zero_()
-        slots[n:].fill_(self.scratch_slot)
-        row[n:].fill_(-1)
-
-    def run(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
-            seq_lens: list[int], sampled_rows: dict[int, int]) -> torch.Tensor:
-        """Replay the graph of size bs on this step's n <= bs decode tokens (host values; `sampled_rows` maps a
-        token index to the row of `sampled` that holds its id): one host-to-device copy, then the replay, with
-        no host sync. Returns hidden states [n, H]."""
+    def _fill(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int],
+              block_tables: np.ndarray, seq_lens: list[int], sampled_rows: dict[int, int]) -> None:
+        """The size-bs inputs in one host-to-device copy from a pinned host array of their layout; rows past the
+        step's n tokens are padding: token 0 at position 0, the scratch slot, an empty context, no sampled row."""
         n = len(input_ids)
         pinned = self.device.type == "cuda"
         host = torch.empty(bs * (FIELDS + self.max_blocks), dtype=torch.long, pin_memory=pinned)
         arr = host.numpy()
         head = arr[: FIELDS * bs].reshape(FIELDS, bs)
-        head[:, n:] = 0  # padded rows: token 0 at position 0, scratch slot, empty context
+        head[:, n:] = 0
         head[2, n:] = self.scratch_slot
         head[4] = -1
         head[0, :n], head[1, :n], head[2, :n], head[3, :n] = input_ids, positions, slots, seq_lens
@@ -135,6 +126,13 @@ class CudaGraphRunner:
         tables[:] = 0
         tables[:n, : block_tables.shape[1]] = block_tables
         self.inputs[: host.numel()].copy_(host, non_blocking=True)
+
+    def run(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
+            seq_lens: list[int], sampled_rows: dict[int, int]) -> torch.Tensor:
+        """Replay the graph of size bs on this step's n <= bs decode tokens (host values; `sampled_rows` maps a
+        token index to the row of `sampled` that holds its id): one host-to-device copy, then the replay, with
+        no host sync. Returns hidden states [n, H]."""
+        self._fill(bs, input_ids, positions, slots, block_tables, seq_lens, sampled_rows)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.outputs[bs][: len(input_ids)]
 
