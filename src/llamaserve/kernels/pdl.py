@@ -24,17 +24,19 @@ import torch
 
 try:  # Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty, so neither is ever traced
+except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty and trigger_early() False
+    # (it asks pdl_args), so neither is ever traced
     gdc_launch_dependents = gdc_wait = None
 
 __all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "pdl_args", "trigger_early"]
 
 
 def early_loads() -> bool:
-    """Latency-bound kernels load what no earlier kernel writes (weights, scales) first, before their PDL wait,
-    instead of where the arithmetic needs it (for the norms: after the row's statistics, behind the reduction's
-    CTA barriers; for attention's FP8 output scale: after the merge). Same values, same results.
-    LLAMASERVE_EARLY_LOADS=0: the old order (an A/B switch)."""
+    """Decode kernels load what no earlier kernel writes (weights, scales, block tables) first, before their PDL
+    wait or their weight loop, instead of where the arithmetic needs it (the norms: after the row's statistics,
+    behind the reduction's CTA barriers; split attention: its FP8 output scale after the merge, its first key
+    tile's block-table entries after q; the decode MoE GEMMs: their FP8 scales after the weight loop). Same values,
+    same results. LLAMASERVE_EARLY_LOADS=0: the old order (an A/B switch)."""
     return os.environ.get("LLAMASERVE_EARLY_LOADS", "1") != "0"
 
 
@@ -44,8 +46,7 @@ def trigger_early(device: torch.device) -> bool:
     `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs;
     LLAMASERVE_PDL_TRIGGER=0 turns it off (an A/B switch). Used by the routed down GEMM of a decode MoE step (its
     dependent: the next layer's input norm), norm + router (the routing kernel) and norm_gemm (split attention)."""
-    return bool(pdl_args(device)) and gdc_launch_dependents is not None and \
-        os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
+    return bool(pdl_args(device)) and os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
 
 
 def pdl_args(device: torch.device) -> dict:
