@@ -71,7 +71,8 @@ def test_no_residual_adds_the_pending_part(device):
     x, add, _, nw, w = _case(2, 200, 40, device, dtype, seed=3)
     y, new_res = norm_gemm.norm_linear(x, None, add, nw, 1e-5, w, None, None, dtype)
     torch.testing.assert_close(new_res, x + add)
-    torch.testing.assert_close(y.float(), rms_norm(x + add, nw, 1e-5).float() @ w.float().t(), atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 output: one rounding of the result
+    torch.testing.assert_close(y.float(), rms_norm(x + add, nw, 1e-5).float() @ w.float().t(), atol=tol, rtol=tol)
 
 
 def test_config_override_and_limits(monkeypatch):
