@@ -71,7 +71,12 @@ class CudaGraphRunner:
     def _forward(self, bs: int, batch: ForwardBatch) -> torch.Tensor:
         """The captured work: tokens still being sampled come from `sampled`, then the model."""
         ids, positions, _, _, row, _ = self.views(bs)
-        ids.copy_(torch.where(row >= 0, self.sampled[row.clamp(min=0)], ids))
+        if ids.is_cuda:  # one launch (kernels/sampling.py), not torch's five
+            from llamaserve.kernels.sampling import fill_sampled
+
+            fill_sampled(ids, row, self.sampled)
+        else:
+            ids.copy_(torch.where(row >= 0, self.sampled[row.clamp(min=0)], ids))
         return self.model(ids, positions, batch)
 
     @torch.inference_mode()

@@ -269,13 +269,13 @@ class ModelRunner:
         return pending
 
     def _sample(self, hidden: torch.Tensor, reqs: list, pending: PendingOutput) -> None:
-        logits = self.model.compute_logits(hidden)
         params = [r.sampling_params for r in reqs]
         banned = [sorted(r.eos_token_ids | set(r.sampling_params.stop_token_ids))
                   if r.num_output_tokens < r.sampling_params.min_tokens else [] for r in reqs]
         md = SamplingMetadata(params, self._row_seeds(reqs), [r.output_token_ids for r in reqs],
                               [r.prompt_token_ids for r in reqs], banned)
-        res = self.sampler(logits, md)
+        # a plain greedy batch takes the argmax of the lm_head's own output (no float32 copy)
+        res = self.sampler(self.model.compute_logits(hidden, upcast=not self.sampler.plain_greedy(md)), md)
         self._last_sampled = res.sampled
         if self.graphs is not None:  # where the next decode graph reads its placeholder tokens
             flat = res.sampled.reshape(-1)

@@ -101,8 +101,23 @@ class Sampler:
     def __init__(self, backend: str = "torch") -> None:
         self.backend = backend
 
+    @staticmethod
+    def plain_greedy(md: SamplingMetadata) -> bool:
+        """Every row greedy, without logprobs, penalties or banned tokens: the argmax alone, which needs no
+        float32 copy of the logits (model runner: `compute_logits(..., upcast=False)`)."""
+        return (all(p.greedy and p.logprobs is None and not p.has_penalties for p in md.params)
+                and not any(md.banned_token_ids))
+
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        """logits: [B, vocab] float32 -> one token per row."""
+        """logits: [B, vocab] -> one token per row; float32, or the lm_head's dtype for a `plain_greedy` batch
+        (on CUDA with the Triton backend its argmax is kernels/sampling.py's `greedy_argmax`)."""
+        if self.plain_greedy(md):
+            if self.backend == "triton" and logits.is_cuda:
+                from llamaserve.kernels.sampling import greedy_argmax
+
+                return SamplerOutput(greedy_argmax(logits), None, None, None, None)
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None, None)
+        logits = logits.float()
         k_max = max((p.logprobs for p in md.params if p.logprobs is not None), default=None)
         raw_logprobs = logits.log_softmax(dim=-1) if k_max is not None else None
         if any(md.banned_token_ids) or any(p.has_penalties for p in md.params):

@@ -212,8 +212,10 @@ class Llama4ForCausalLM(nn.Module):
         x, _ = self.model.norm(x, residual, add=add)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab], float32 (upcast) or in the lm_head's dtype."""
+        logits = self.lm_head.compute_logits(hidden)
+        return logits.float() if upcast else logits
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
