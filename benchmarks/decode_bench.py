@@ -7,16 +7,14 @@ weights rotated so none is re-read from L2), against cuBLAS and the HBM copy cei
 - decode MoE GEMMs (kernels/moe_decode.py) at one token: a launch sweep of the gate-up (SiLU fused) and the down
   projection of one expert (16 experts rotated), the down weights also with rows padded past 8,192 bytes;
   cuBLAS FP8 on one expert's matrices as the reference; the whole decode MoE step at 1..16 tokens against the
-  grouped path (kernels/fused_moe.py), and with the routing inside the gate-up GEMM (kernels/moe_route_gemm.py).
+  grouped path (kernels/fused_moe.py).
 - Scout's dense FP8 layers at one token (qkv, o, shared gate-up / down): cuBLAS `_scaled_mm` against the decode
   kernel as a one-expert MoE GEMM.
 - attention at batch 1 (40 query / 8 KV heads, FP8 KV, 256 and 2,048 tokens of context) by split-KV count;
   RMSNorm of one 5,120-wide row by warp count; the router (5,120 -> 16) by cuBLAS and by the router kernel.
 - attention launch sweep at batch 1: split count, merge in the last program or the combine kernel, key tile,
   warps. DENSE_SWEEP=1 sweeps the decode GEMM's launch space on the dense layers.
-- Scout's input RMSNorm + qkv: the norm kernel then cuBLAS, against the norm inside the qkv GEMM
-  (kernels/norm_gemm.py) over its launch space (QUICK=1: 4 launches).
-PARTS=small,moe,dense,normqkv picks groups (default all).
+PARTS=small,moe,dense picks groups (default all).
 """
 
 from __future__ import annotations
@@ -104,9 +102,6 @@ def moe_gemms(res: dict, hbm: float, quick: bool) -> None:
         step = partial(fm.fused_moe, xb, gu, dn, None, None, one, one, s, s, shared=shared, router_logits=logits)
         row = {"experts_hit": hit, "floor_us": round(hit * 3 * H * INTER / hbm / 1e6, 1),
                "decode": graph_us([step] * 4)}
-        os.environ["LLAMASERVE_MOE_ROUTE_IN_GEMM"] = "1"  # the routing inside the gate-up GEMM (moe_route_gemm)
-        row["decode_route_in_gemm"] = graph_us([step] * 4)
-        os.environ.pop("LLAMASERVE_MOE_ROUTE_IN_GEMM")
         saved, md.DECODE_MAX_PAIRS = md.DECODE_MAX_PAIRS, 0
         try:
             row["grouped"] = graph_us([step] * 4)
@@ -147,39 +142,6 @@ def dense(res: dict) -> None:
         row["TBps_cublas"] = round(n * k / row["cublas"] / 1e6, 3)
         res.setdefault("dense_m1_us", {})[name] = row
         print("dense", name, {k_: v for k_, v in row.items() if not k_.startswith("triton_")}, flush=True)
-
-
-def norm_qkv(res: dict, quick: bool) -> None:
-    """Scout's input RMSNorm + qkv at one token: the norm kernel then cuBLAS `_scaled_mm`, against the norm inside
-    the qkv GEMM (kernels/norm_gemm.py) over a launch sweep (LLAMASERVE_NORM_QKV_CONFIG); 8 weight copies."""
-    from llamaserve.kernels.norm_act import rms_norm
-    from llamaserve.kernels.norm_gemm import norm_linear
-
-    n = 7168
-    ws = [((torch.rand(n, H, device="cuda") - 0.5) * 0.1).to(FP8) for _ in range(8)]
-    s = torch.full((), 0.05, device="cuda")
-    x, x2, r = (torch.randn(1, H, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-    nw = torch.ones(H, dtype=torch.bfloat16, device="cuda")
-
-    def separate(w: torch.Tensor) -> None:
-        y = rms_norm(x, nw, 1e-5, r.clone(), out_scale=s, add=x2)
-        torch._scaled_mm(y, w.t(), scale_a=s, scale_b=s, out_dtype=torch.bfloat16)
-
-    row = {"norm_then_cublas": graph_us([partial(separate, w) for w in ws])}
-    configs = [(32, 256, 4, 4), (16, 512, 4, 4), (64, 256, 4, 4), (32, 128, 2, 6)]
-    if not quick:
-        configs += [c for c in itertools.product((16, 32, 64), (128, 256, 512), (2, 4), (3, 4, 6))
-                    if c[3] * c[1] * (16 + c[0]) <= md.SMEM_BYTES and c not in configs]
-    for c in configs:
-        os.environ["LLAMASERVE_NORM_QKV_CONFIG"] = "x".join(map(str, c))
-        row["fused_{}x{}x{}x{}".format(*c)] = graph_us([partial(norm_linear, x, r, x2, nw, 1e-5, w, s, s,
-                                                                torch.bfloat16) for w in ws])
-    os.environ.pop("LLAMASERVE_NORM_QKV_CONFIG")
-    best = min((k for k in row if k.startswith("fused")), key=row.get)
-    row["best_fused"] = [best, row[best]]
-    res["norm_qkv_m1_us"] = row
-    print("norm + qkv", {k: v for k, v in row.items() if not k.startswith("fused_")},
-          {k: row[k] for k in ("fused_32x256x4x4", "fused_16x512x4x4", "fused_64x256x4x4")}, flush=True)
 
 
 def small(res: dict) -> None:
@@ -232,19 +194,17 @@ def small(res: dict) -> None:
 
 
 def main() -> None:
-    """PARTS: which groups to run, comma-separated from small, moe, dense, normqkv (default: all)."""
+    """PARTS: which groups to run, comma-separated from small, moe, dense (default: all)."""
     torch.manual_seed(0)
     res: dict = {"device": torch.cuda.get_device_name(0), "hbm_copy_TBps": copy_bw()}
     quick = os.environ.get("QUICK") == "1"
-    parts = os.environ.get("PARTS", "small,moe,dense,normqkv").split(",")
+    parts = os.environ.get("PARTS", "small,moe,dense").split(",")
     if "small" in parts:
         small(res)
     if "moe" in parts:
         moe_gemms(res, res["hbm_copy_TBps"], quick)
     if "dense" in parts:
         dense(res)
-    if "normqkv" in parts:
-        norm_qkv(res, quick)
     with open(os.path.join(os.environ.get("OUT", "."), "decode_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
 

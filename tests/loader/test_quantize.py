@@ -94,40 +94,6 @@ def test_quantize_llama4(tmp_path, small_llama4_config):
     assert ((a - b).norm() / a.norm()).item() < 0.1
 
 
-def test_fp8_llama4_decode_with_the_norm_in_qkv(tmp_path, small_llama4_config, monkeypatch):
-    """An FP8 Llama 4 checkpoint on the Triton backend: decode steps with the input norm inside the qkv GEMM
-    (kernels/norm_gemm.py, static input scale, FP8 weights) and the routing inside the routed gate-up GEMM
-    (kernels/moe_route_gemm.py) give the tokens and logprobs of the separate kernels and `torch._scaled_mm`."""
-    from transformers import Llama4ForCausalLM
-
-    from llamaserve.kernels import moe_route_gemm, norm_gemm
-
-    torch.manual_seed(0)
-    src, out = tmp_path / "l4", tmp_path / "l4-fp8"
-    Llama4ForCausalLM(small_llama4_config).save_pretrained(src)
-    assert main(["quantize", str(src), "-o", str(out), "--calib-tokens", "64"]) == 0
-    calls = []
-    real = norm_gemm.norm_linear
-    monkeypatch.setattr(norm_gemm, "norm_linear", lambda *a: calls.append(a[5].dtype) or real(*a))
-    routed = []
-    real_route = moe_route_gemm.route_gate_up
-    monkeypatch.setattr(moe_route_gemm, "route_gate_up", lambda *a: routed.append(a[2].dtype) or real_route(*a))
-    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 19)]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LLAMASERVE_NORM_QKV", flag)
-        monkeypatch.setenv("LLAMASERVE_MOE_ROUTE_IN_GEMM", flag)
-        llm = LLM(str(out), num_kv_blocks=32, max_num_tokens=128, kernel_backend="triton")
-        runs[flag] = llm.generate(prompts, params)
-    assert calls and set(calls) == {FP8} and routed and set(routed) == {FP8}
-    for a, b in zip(runs["0"], runs["1"]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        la = [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
-        lb = [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
-        assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
-
-
 def test_refuses_unsupported_schemes(tiny_llama_dir, tmp_path):
     """NVFP4 with blocks other than 16, other ModelOpt algorithms and foreign schemes (NVFP4 itself: see
     test_quantize_nvfp4.py)."""

@@ -20,8 +20,7 @@ row, so three kernels do the whole step:
 it, one launch), and `glu_decode` runs a dense gate-up
 layer with its SiLU through the same GEMM kernel (one "expert"): layers/moe.py uses both for Llama 4.
 Launch parameters: `decode_config` (H200 sweep, benchmarks/decode_bench.py). The GEMM's weight stream (`stream_k`)
-and GLU epilogue (`glu_out`) are jit helpers that kernels/norm_gemm.py and kernels/moe_route_gemm.py (the
-experimental input-norm-in-qkv and routing-in-gate-up kernels) run too. Reference:
+and GLU epilogue (`glu_out`) are jit helpers. Reference:
 layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as kernels/fused_moe.py's.
 """
 
@@ -338,11 +337,6 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     from_logits = router_logits is not None
     s2 = a2_scale if fp8 else None
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if s2 is not None else x.dtype, device=x.device)
-    from llamaserve.kernels import moe_route_gemm
-
-    if from_logits and (a1_scale is not None or not fp8) and moe_route_gemm.enabled():  # one launch
-        ids, _ = moe_route_gemm.route_gate_up(x, router_logits, gate_up, gate_up_scale, s1, act, s2)
-        return _down(act, down, ids, x, s2, down_scale, shared, fp8)
     if from_logits:
         ids = torch.empty(t, dtype=torch.int64, device=x.device)
         scores = torch.empty(t, dtype=torch.float32, device=x.device)

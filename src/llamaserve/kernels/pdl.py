@@ -45,7 +45,7 @@ def trigger_early(device: torch.device) -> bool:
     with PDL) may launch as soon as every program of this one has started, and run the part before its
     `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs;
     LLAMASERVE_PDL_TRIGGER=0 turns it off (an A/B switch). Used by the routed down GEMM of a decode MoE step (its
-    dependent: the next layer's input norm), norm + router (the routing kernel) and norm_gemm (split attention)."""
+    dependent: the next layer's input norm) and norm + router (the routing kernel)."""
     return bool(pdl_args(device)) and os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
 
 

@@ -81,10 +81,8 @@ class Llama4Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend,
                               chunk_size=chunk)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | None, batch: ForwardBatch,
-                qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """x: the normalized hidden states, or None with `qkv` already computed (the input norm fused into it)."""
-        qkv = self.qkv_proj(x) if qkv is None else qkv
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
         t, d = qkv.shape[0], self.head_dim
         attn = self.attn
         if attn.backend == "triton" and attn.kv_cache is not None and not d & (d - 1):
@@ -129,25 +127,14 @@ class Llama4DecoderLayer(nn.Module):
         `PendingSum`, at decode size): the input norm adds them with the residual."""
         # the norms write FP8 directly when the next projection takes a static-scaled FP8 input (the MoE's router
         # and experts take the bf16 output, its shared expert a second, FP8 copy)
-        qkv_proj = self.self_attn.qkv_proj
-        qkv_scale = qkv_proj.static_input_scale
+        qkv_scale = self.self_attn.qkv_proj.static_input_scale
         if residual is None:
             residual = x
             x = self.input_layernorm(x, out_scale=qkv_scale)
-            x = self.self_attn(positions, x, batch)
-        elif self._norm_in_qkv(x):  # decode: the input norm inside the qkv GEMM (kernels/norm_gemm.py)
-            from llamaserve.kernels.norm_gemm import norm_linear
-
-            x, add = pending(x)
-            norm = self.input_layernorm
-            qkv, residual = norm_linear(x, residual, add, norm.weight, norm.eps, qkv_proj.weight,
-                                        qkv_proj.weight_scale if qkv_scale is not None else None, qkv_scale,
-                                        qkv_proj.out_dtype if qkv_scale is not None else x.dtype)
-            x = self.self_attn(positions, None, batch, qkv=qkv)
         else:
             x, add = pending(x)
             x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale, add=add)
-            x = self.self_attn(positions, x, batch)
+        x = self.self_attn(positions, x, batch)
         ff = self.feed_forward
         if isinstance(ff, Llama4MoE):  # router and experts take bf16; the shared expert an FP8 copy, if static
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
@@ -166,18 +153,6 @@ class Llama4DecoderLayer(nn.Module):
             return ff(x, defer_shared=True), residual
         x, residual = self.post_attention_layernorm(x, residual, out_scale=ff.gate_up_proj.static_input_scale)
         return ff(x), residual
-
-    def _norm_in_qkv(self, x: torch.Tensor | PendingSum) -> bool:
-        """LLAMASERVE_NORM_QKV=1, a decode-sized step (at most norm_gemm.MAX_ROWS tokens), the Triton backend, and
-        a qkv projection the kernel runs: FP8 with a static input scale, or unquantized, without bias."""
-        from llamaserve.kernels import norm_gemm
-
-        proj = self.self_attn.qkv_proj
-        rows = (x.first if isinstance(x, PendingSum) else x).shape[0]
-        fp8 = proj.static_input_scale is not None
-        return (norm_gemm.enabled() and self.input_layernorm.backend == "triton" and 0 < rows <= norm_gemm.MAX_ROWS
-                and getattr(proj, "bias", None) is None and proj.weight.stride(1) == 1
-                and (fp8 or proj.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class Llama4ForCausalLM(nn.Module):
