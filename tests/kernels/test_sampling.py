@@ -64,6 +64,9 @@ def test_greedy_argmax_is_torch_argmax(b, v, dtype, device):
     got = greedy_argmax(logits)
     assert got[0].item() == v // 2 and (b == 1 or got[1].item() == 3)
     assert torch.equal(got, logits.float().argmax(-1))
+    wide = torch.full((b, v + 40), float(top) + 5, device=device, dtype=dtype)  # a padded vocabulary's columns
+    wide[:, :v] = logits
+    assert torch.equal(greedy_argmax(wide[:, :v]), got)  # a row-strided view reads only its own columns
 
 
 def test_plain_greedy_batches_skip_the_float_copy(device):
