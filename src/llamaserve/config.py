@@ -117,6 +117,7 @@ class EngineConfig:
     cuda_graph_sizes: list[int] = dataclasses.field(default_factory=list)  # empty: no CUDA graphs
     cuda_graph_padding: bool = True
     overlap_scheduling: bool = False
+    warmup: bool = False
 
 
 @dataclass
@@ -150,6 +151,7 @@ class EngineArgs:
     cuda_graph_padding: bool = True  # pad a decode batch up to the next captured size
     overlap_scheduling: bool | None = None  # None: on with CUDA (vLLM async_scheduling, TRT-LLM's default)
     disable_overlap_scheduler: bool = False  # TensorRT-LLM's spelling of overlap_scheduling=False
+    warmup: bool | None = None  # dummy requests at start-up (EngineCore.warm_up); None: on with CUDA
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -247,7 +249,7 @@ class EngineArgs:
             overlap = device.type == "cuda" and not self.disable_overlap_scheduler
         return EngineConfig(model_config, cache_config, scheduler_config, ParallelConfig(self.tp_size, 0),
                             device, backend, self._cuda_graph_sizes(device, backend), self.cuda_graph_padding,
-                            overlap)
+                            overlap, device.type == "cuda" if self.warmup is None else self.warmup)
 
     def _quant_config(self, source: Any, dtype: torch.dtype, device: torch.device) -> Any:
         """A ModelOpt checkpoint's own scheme, else `quantization` (fp8: calibrated dummy or online; nvfp4: random

@@ -78,6 +78,7 @@ def test_bool_flags_take_vllm_and_value_forms():
     assert parse("--no-enable-prefix-caching")[0].enable_prefix_caching is False
     assert parse("--enable-prefix-caching")[0].enable_prefix_caching is True
     assert parse("--enable_prefix_caching", "false")[0].enable_prefix_caching is False
+    assert parse("--warmup", "false")[0].warmup is False and parse()[0].warmup is None  # None: on with CUDA
     assert parse("--no-enable-chunked-prefill")[0].enable_chunked_prefill is False
 
 

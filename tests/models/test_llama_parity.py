@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,3 +164,28 @@ def test_overlap_scheduling_changes_no_output(tiny_llama_dir):
     assert plain["4"].prompt_logprobs and plain["2"].outputs[0].logprobs
     reasons = [v.outputs[0].finish_reason for v in plain.values()]
     assert "stop" in reasons and "length" in reasons
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_warmup_runs_dummy_requests_and_leaves_nothing_behind(tiny_llama_dir, overlap, caplog):
+    """warmup=True (the default with CUDA) steps a few dummy requests through the engine at start-up: afterwards
+    no request, KV block, queue time or prefix-cache count is left from them, and real requests get the tokens of
+    an engine without the warm-up (greedy and seeded sampling)."""
+    caplog.set_level(logging.INFO, "llamaserve.engine.engine_core")
+    kw = dict(num_kv_blocks=64, block_size=8, max_seq_len=256, max_num_tokens=96, overlap_scheduling=overlap)
+    warm = LLM(str(tiny_llama_dir), warmup=True, **kw)
+    assert "warm-up: 5 dummy requests" in caplog.text
+    eng = warm.engine
+    assert eng.config.warmup and not eng.has_unfinished_requests() and not eng.scheduler.requests
+    assert eng.kv_cache_manager.num_free_blocks == eng.kv_cache_manager.num_blocks
+    assert not eng.queue_times and eng.kv_cache_manager.prefix_queries == 0 == eng.scheduler.num_preemptions
+    cold = LLM(str(tiny_llama_dir), **kw)
+    assert not cold.engine.config.warmup  # off by default without CUDA
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (5, 30, 61)]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=10, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    a = [o.outputs[0].token_ids for o in warm.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in cold.generate(prompts, params)]
+    assert a == b

@@ -48,6 +48,38 @@ class EngineCore:
                            capacity, sc.max_seq_len)
         logger.info("KV capacity %d tokens; max concurrency at max_seq_len=%d: %.2f", capacity, sc.max_seq_len,
                     capacity / sc.max_seq_len)
+        if getattr(config, "warmup", False):
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """A few dummy requests through the step loop before the first user's, so that the kernels a real batch
+        compiles on first use (Triton specializes on integer arguments: a prefill of several sequences, lengths
+        that are not multiples of 16, mixed prefill + decode steps, sampled and logprob rows) compile now: the
+        start-up dummy prefill is one sequence. Without it the first 4 x 1,024-token prompts on a fresh Scout
+        server waited ~7 s for their first token, the later ones ~0.2 s (H200, docs/performance.md). Phase one
+        runs one prompt alone, phase two four at once (greedy, greedy with logprobs, seeded top-p sampling); then
+        the counters the metrics read are reset. `warmup=False` skips it (default: on with CUDA)."""
+        import random
+
+        t0 = time.monotonic()
+        rng = random.Random(0)
+        capacity = self.runner.num_blocks * self.config.cache_config.block_size
+        room = min(self.config.scheduler_config.max_seq_len, capacity // 4) - 8  # four fit at once with 5 tokens
+        sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=0, max_tokens=4, ignore_eos=True)
+        phases = [[(1000, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))],
+                  [(1021, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)),
+                   (1024, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)),
+                   (37, sampled), (16, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))]]
+        for phase, reqs in enumerate(phases):
+            for i, (n, params) in enumerate(reqs):
+                ids = [rng.randrange(self.vocab_size) for _ in range(max(1, min(n, room)))]
+                self.add_request(f"__warmup-{phase}-{i}", ids, params)
+            while self.has_unfinished_requests():
+                self.step()
+        self.queue_times.clear()
+        self.scheduler.num_preemptions = 0
+        self.kv_cache_manager.prefix_queries = self.kv_cache_manager.prefix_hits = 0
+        logger.info("warm-up: %d dummy requests in %.1f s", sum(map(len, phases)), time.monotonic() - t0)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     eos_token_ids: set[int] | frozenset[int] = frozenset()) -> Request:

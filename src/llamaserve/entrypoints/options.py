@@ -118,6 +118,8 @@ SPECS: list[Spec] = [
     _s("overlap_scheduling async_scheduling", "engine:overlap_scheduling", "bool",
        help="schedule step n+1 while the GPU runs step n (default: on with CUDA)"),
     _s("disable_overlap_scheduler", "engine:disable_overlap_scheduler", "bool"),
+    _s("warmup", "engine:warmup", "bool", help="run a few dummy requests at start-up so the first users' batches "
+       "find their kernels compiled (default: on with CUDA)"),
     _s("max_seq_len_to_capture", "ignore", "int", reason="vLLM's old capture limit; graphs cover decode batches"),
     _s("cuda_graph_config", "nested", "any", nested=_CUDA_GRAPH_CONFIG),
     _s("use_cuda_graph", "ignore", "bool", reason=_CG),
