@@ -274,8 +274,8 @@ class ModelRunner:
                   if r.num_output_tokens < r.sampling_params.min_tokens else [] for r in reqs]
         md = SamplingMetadata(params, self._row_seeds(reqs), [r.output_token_ids for r in reqs],
                               [r.prompt_token_ids for r in reqs], banned)
-        # a plain greedy batch takes the argmax of the lm_head's own output (no float32 copy)
-        res = self.sampler(self.model.compute_logits(hidden, upcast=not self.sampler.plain_greedy(md)), md)
+        # the lm_head's own output: the sampler casts it to float32 unless the batch is plain greedy
+        res = self.sampler(self.model.compute_logits(hidden, upcast=False), md)
         self._last_sampled = res.sampled
         if self.graphs is not None:  # where the next decode graph reads its placeholder tokens
             flat = res.sampled.reshape(-1)

@@ -104,13 +104,14 @@ class Sampler:
     @staticmethod
     def plain_greedy(md: SamplingMetadata) -> bool:
         """Every row greedy, without logprobs, penalties or banned tokens: the argmax alone, which needs no
-        float32 copy of the logits (model runner: `compute_logits(..., upcast=False)`)."""
+        float32 copy of the logits."""
         return (all(p.greedy and p.logprobs is None and not p.has_penalties for p in md.params)
                 and not any(md.banned_token_ids))
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        """logits: [B, vocab] -> one token per row; float32, or the lm_head's dtype for a `plain_greedy` batch
-        (on CUDA with the Triton backend its argmax is kernels/sampling.py's `greedy_argmax`)."""
+        """logits: [B, vocab] in any float dtype (the model runner passes the lm_head's own) -> one token per row.
+        A `plain_greedy` batch takes the argmax of them as they are (on CUDA with the Triton backend
+        kernels/sampling.py's `greedy_argmax`); any other is cast to float32 first."""
         if self.plain_greedy(md):
             if self.backend == "triton" and logits.is_cuda:
                 from llamaserve.kernels.sampling import greedy_argmax
