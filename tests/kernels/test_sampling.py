@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from llamaserve.kernels.sampling import greedy_argmax, gumbel_argmax
+from llamaserve.kernels.sampling import fill_sampled, greedy_argmax, gumbel_argmax
 from llamaserve.layers.sampler import Sampler, SamplingMetadata
 from llamaserve.sampling_params import SamplingParams
 
@@ -67,11 +67,6 @@ def test_greedy_argmax_is_torch_argmax(b, v, dtype, device):
     wide = torch.full((b, v + 40), float(top) + 5, device=device, dtype=dtype)  # a padded vocabulary's columns
     wide[:, :v] = logits
     assert torch.equal(greedy_argmax(wide[:, :v]), got)  # a row-strided view reads only its own columns
-    into = torch.full((b + 3,), -7, dtype=torch.long, device=device)  # the CUDA graphs' `sampled`, longer
-    assert greedy_argmax(logits, out=into[:b]).data_ptr() == into.data_ptr()
-    assert torch.equal(into[:b], got) and into[b:].tolist() == [-7] * 3  # written in place, nothing past it
-    with pytest.raises(ValueError, match="out must be"):
-        greedy_argmax(logits, out=torch.empty(b + 1, dtype=torch.long, device=device))
 
 
 def test_plain_greedy_batches_skip_the_float_copy(device):
@@ -86,13 +81,20 @@ def test_plain_greedy_batches_skip_the_float_copy(device):
     assert Sampler.plain_greedy(plain)
     for backend in ("torch", "triton"):
         assert torch.equal(Sampler(backend)(logits, plain).sampled, logits.float().argmax(-1))
-    for backend, params in (("triton", plain), ("torch", plain), ("triton", md([SamplingParams(top_k=1)] * 4))):
-        into = torch.zeros(4, dtype=torch.long, device=device)  # `out`: written in place on every path
-        assert Sampler(backend)(logits, params, out=into).sampled.data_ptr() == into.data_ptr()
-        assert torch.equal(into, logits.float().argmax(-1))
     assert not Sampler.plain_greedy(md([SamplingParams(temperature=0, logprobs=2)] * 4))
     assert not Sampler.plain_greedy(md([SamplingParams(temperature=0, presence_penalty=0.5)] * 4))
     assert not Sampler.plain_greedy(md([SamplingParams(temperature=0)] * 4, banned=[[7], [], [], []]))
     assert not Sampler.plain_greedy(md([SamplingParams(temperature=0)] * 3 + [SamplingParams(temperature=0.8)]))
     out = Sampler("torch")(logits, md([SamplingParams(temperature=0, logprobs=2)] * 4))
     assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+
+
+def test_fill_sampled_matches_torch(device):
+    """ids[t] = sampled[rows[t]] where rows[t] >= 0, the other ids untouched, as the torch expression it replaces."""
+    for n in (1, 5, 16, 37):
+        ids = torch.randint(0, 1000, (n,), device=device)
+        rows = torch.randint(-1, 8, (n,), device=device)
+        sampled = torch.randint(0, 1000, (8,), device=device)
+        want = torch.where(rows >= 0, sampled[rows.clamp(min=0)], ids)
+        fill_sampled(ids, rows, sampled)
+        assert torch.equal(ids, want)

@@ -11,13 +11,9 @@ batches) runs eagerly. Needs the Triton attention backend: the torch reference l
 A step's inputs travel in one host-to-device copy: the static buffers of a size-bs graph are views into one
 int64 buffer laid out [token ids | positions | slots | sequence lengths | sampled-row index | block tables]
 (bs entries each, tables bs x max_blocks), and `run` fills a pinned host array of that layout, padding rows
-included. On CUDA that copy runs on a side stream into one of two device staging buffers, while the previous
-step still computes; the main stream then runs one kernel (kernels/step_inputs.py) that moves staging -> graph
-inputs and puts in each token still being sampled by the previous step (overlap scheduling: its sampled-row
-index is set) its id from `sampled`, where the model runner leaves each step's sampled ids; then the replay.
-Events order the staging buffers: a buffer is refilled only after the kernel that read it, and that kernel runs
-only after its copy. The step's gap on the main stream is that one kernel, not a copy with an engine switch on
-each side (every separate copy or fill was a 2-3 us stop; at batch 1 the first 14 of them took ~45 us).
+included. A token still being sampled by the previous step (overlap scheduling) has its sampled-row index set:
+the graph's first kernels take it from `sampled`, where the model runner leaves each step's sampled ids. Every
+separate copy or fill is a 2-3 us stop of the GPU between steps; at batch 1 the 14 of them took ~45 us.
 """
 
 from __future__ import annotations
@@ -53,13 +49,6 @@ class CudaGraphRunner:
         # the previous step's sampled ids (the model runner copies them here), read by the next step's graph
         self.sampled = torch.zeros(max(n, max_sampled), dtype=torch.long, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.long, device=device)
-        self.staging: list[torch.Tensor] = []
-        if device.type == "cuda":  # two, used in turn, so a copy never overwrites what a queued step reads
-            self.staging = [torch.zeros_like(self.inputs) for _ in range(2)]
-            self.h2d_stream = torch.cuda.Stream(device)
-            self.copied = [torch.cuda.Event() for _ in range(2)]  # staging[k] holds its step's inputs
-            self.read = [torch.cuda.Event() for _ in range(2)]  # the main stream has read staging[k]
-            self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.batches: dict[int, ForwardBatch] = {}
@@ -80,8 +69,14 @@ class CudaGraphRunner:
         return b
 
     def _forward(self, bs: int, batch: ForwardBatch) -> torch.Tensor:
-        """The captured work: the model on the size-bs views (their tokens already filled by `_fill`)."""
-        ids, positions, _, _, _, _ = self.views(bs)
+        """The captured work: tokens still being sampled come from `sampled`, then the model."""
+        ids, positions, _, _, row, _ = self.views(bs)
+        if ids.is_cuda:  # one launch (kernels/sampling.py), not torch's five
+            from llamaserve.kernels.sampling import fill_sampled
+
+            fill_sampled(ids, row, self.sampled)
+        else:
+            ids.copy_(torch.where(row >= 0, self.sampled[row.clamp(min=0)], ids))
         return self.model(ids, positions, batch)
 
     @torch.inference_mode()
@@ -119,9 +114,8 @@ class CudaGraphRunner:
 
     def _fill(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int],
               block_tables: np.ndarray, seq_lens: list[int], sampled_rows: dict[int, int]) -> None:
-        """The size-bs inputs from a pinned host array of their layout (one copy, then `stage_inputs` on CUDA);
-        rows past the step's n tokens are padding: token 0 at position 0, the scratch slot, an empty context, no
-        sampled row."""
+        """The size-bs inputs in one host-to-device copy from a pinned host array of their layout; rows past the
+        step's n tokens are padding: token 0 at position 0, the scratch slot, an empty context, no sampled row."""
         n = len(input_ids)
         pinned = self.device.type == "cuda"
         host = torch.empty(bs * (FIELDS + self.max_blocks), dtype=torch.long, pin_memory=pinned)
@@ -136,24 +130,7 @@ class CudaGraphRunner:
         tables = arr[FIELDS * bs :].reshape(bs, self.max_blocks)
         tables[:] = 0
         tables[:n, : block_tables.shape[1]] = block_tables
-        if not self.staging:  # CPU: the reference, in place
-            from llamaserve.kernels.step_inputs import stage_inputs_torch
-
-            stage_inputs_torch(host, self.inputs, self.sampled, bs)
-            return
-        from llamaserve.kernels.step_inputs import stage_inputs
-
-        k = self.turn
-        self.turn ^= 1
-        main = torch.cuda.current_stream(self.device)
-        staging = self.staging[k][: host.numel()]
-        with torch.cuda.stream(self.h2d_stream):
-            self.h2d_stream.wait_event(self.read[k])  # no-op before its first record
-            staging.copy_(host, non_blocking=True)
-            self.copied[k].record(self.h2d_stream)
-        main.wait_event(self.copied[k])
-        stage_inputs(staging, self.inputs, self.sampled, bs)
-        self.read[k].record(main)
+        self.inputs[: host.numel()].copy_(host, non_blocking=True)
 
     def run(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
             seq_lens: list[int], sampled_rows: dict[int, int]) -> torch.Tensor:

@@ -97,9 +97,6 @@ class ModelRunner:
         self.rng = random.Random(mc.seed)  # draw seeds of requests without their own seed
         self._last_sampled: torch.Tensor | None = None  # sampled ids of the last queued step, on the device
         self._last_rows: dict[str, int] = {}
-        # results go to the host on a side stream, so the next step's inputs and graph do not queue behind them
-        self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._d2h_done: torch.cuda.Event | None = None  # the last step's results have been read off the device
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.block_size,
                     self.num_blocks * self.block_bytes / 2**30, cc.kv_cache_dtype)
@@ -268,8 +265,7 @@ class ModelRunner:
         if prompt_rows:
             self._prompt_logprobs(hidden[h2d(prompt_rows, torch.long, dev)], prompt_targets, prompt_owner, sched,
                                   pending)
-        pending.start_copy(self._d2h_stream)
-        self._d2h_done = pending.event
+        pending.start_copy()
         return pending
 
     def _sample(self, hidden: torch.Tensor, reqs: list, pending: PendingOutput) -> None:
@@ -279,14 +275,11 @@ class ModelRunner:
         md = SamplingMetadata(params, self._row_seeds(reqs), [r.output_token_ids for r in reqs],
                               [r.prompt_token_ids for r in reqs], banned)
         # the lm_head's own output: the sampler casts it to float32 unless the batch is plain greedy
-        logits = self.model.compute_logits(hidden, upcast=False)
-        into = None
-        if self.graphs is not None:  # where the next decode graph reads its placeholder tokens
-            into = self.graphs.sampled[: len(reqs)]
-            if self._d2h_done is not None:  # the last step's results have left `sampled` (long since)
-                torch.cuda.current_stream(self.device).wait_event(self._d2h_done)
-        res = self.sampler(logits, md, out=into)
+        res = self.sampler(self.model.compute_logits(hidden, upcast=False), md)
         self._last_sampled = res.sampled
+        if self.graphs is not None:  # where the next decode graph reads its placeholder tokens
+            flat = res.sampled.reshape(-1)
+            self.graphs.sampled[: flat.numel()].copy_(flat)
         self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
         pending.sample_ids = [r.request_id for r in reqs]
         pending.logprob_k = [r.sampling_params.logprobs for r in reqs]
@@ -314,9 +307,8 @@ class ModelRunner:
 
 
 class PendingOutput:
-    """The device results of one queued step, copied to pinned host memory behind the step's work, on a side
-    stream (the main stream goes on to the next step at once); result() waits for that copy alone (one
-    host-device sync per step), never for work queued after it."""
+    """The device results of one queued step, copied to pinned host memory behind the step's work; result()
+    waits for that copy alone (one host-device sync per step), never for work queued after it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -329,21 +321,12 @@ class PendingOutput:
     def add(self, name: str, t: torch.Tensor) -> None:
         self.tensors[name] = t
 
-    def start_copy(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Queue the copies on `stream` (behind everything the current stream has queued), or on the current
-        stream when None. The caller keeps any buffer it reuses from being written before `event`."""
+    def start_copy(self) -> None:
         if self.device.type != "cuda":
             return
-        main = torch.cuda.current_stream(self.device)
-        stream = stream or main
-        if stream != main:
-            stream.wait_stream(main)
-            for v in self.tensors.values():
-                v.record_stream(stream)  # the allocator must not hand their memory out before the copy
-        with torch.cuda.stream(stream):
-            self.tensors = {k: v.to("cpu", non_blocking=True) for k, v in self.tensors.items()}
-            self.event = torch.cuda.Event()
-            self.event.record(stream)
+        self.tensors = {k: v.to("cpu", non_blocking=True) for k, v in self.tensors.items()}
+        self.event = torch.cuda.Event()
+        self.event.record()
 
     def result(self) -> RunnerOutput:
         if self.event is not None:

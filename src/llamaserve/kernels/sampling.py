@@ -10,7 +10,9 @@ Ties go to the lowest token id, like torch.argmax.
 `greedy_argmax` is the plain greedy step's argmax (no temperature, penalties, bans or logprobs) on the lm_head's
 own output dtype, split over the row: torch's argmax of one float32 row of a 202K vocabulary ran as one reduction
 kernel of 8.8 us after a 3.8 us float32 cast (H200 timeline, Scout batch 1); here ~50 programs take 4,096 logits
-each and a second launch of one program per row picks among their winners.
+each and a second launch of one program per row picks among their winners. `fill_sampled` writes the previous
+step's sampled ids into a decode step's token ids (overlap scheduling's placeholders) in one launch, not torch's
+five (clamp, index, compare, where, copy).
 """
 
 from __future__ import annotations
@@ -80,16 +82,11 @@ def _argmax_pick_kernel(PVal, PIdx, Out, S, BLOCK_S: tl.constexpr):
     tl.store(Out + row, tl.min(tl.where(v == m, i, 2147483647), 0).to(tl.int64))
 
 
-def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] in any float dtype (no NaN) -> the first largest entry's index per row [B] int64, as
-    `logits.float().argmax(-1)` (the cast to float32 is exact, so the same index), in two launches; written
-    into `out` ([B] int64, contiguous) when given."""
+    `logits.float().argmax(-1)` (the cast to float32 is exact, so the same index), in two launches."""
     b, v = logits.shape
-    if out is None:
-        out = torch.empty(b, dtype=torch.int64, device=logits.device)
-    elif out.shape != (b,) or out.dtype != torch.int64 or not out.is_contiguous():
-        raise ValueError(f"greedy_argmax: out must be a contiguous int64 tensor of shape ({b},), got "
-                         f"{out.dtype} {tuple(out.shape)}")
+    out = torch.empty(b, dtype=torch.int64, device=logits.device)
     if b:
         s = triton.cdiv(v, ARGMAX_CHUNK)
         val = torch.empty((b, s), dtype=torch.float32, device=logits.device)
@@ -97,3 +94,19 @@ def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torc
         _argmax_chunk_kernel[(b, s)](logits, val, idx, logits.stride(0), v, s, BLOCK=ARGMAX_CHUNK, num_warps=8)
         _argmax_pick_kernel[(b,)](val, idx, out, s, BLOCK_S=triton.next_power_of_2(s))
     return out
+
+
+@triton.jit
+def _fill_sampled_kernel(Ids, Rows, Sampled, n, BLOCK: tl.constexpr):
+    t = tl.arange(0, BLOCK)
+    r = tl.load(Rows + t, mask=t < n, other=-1)
+    take = r >= 0
+    s = tl.load(Sampled + tl.where(take, r, 0), mask=take, other=0)
+    tl.store(Ids + t, s, mask=take)
+
+
+def fill_sampled(ids: torch.Tensor, rows: torch.Tensor, sampled: torch.Tensor) -> None:
+    """In place: ids[t] = sampled[rows[t]] where rows[t] >= 0 (ids, rows [n] int64, contiguous), one launch."""
+    n = ids.numel()
+    if n:
+        _fill_sampled_kernel[(1,)](ids, rows, sampled, n, BLOCK=triton.next_power_of_2(n))

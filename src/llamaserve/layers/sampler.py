@@ -108,24 +108,15 @@ class Sampler:
         return (all(p.greedy and p.logprobs is None and not p.has_penalties for p in md.params)
                 and not any(md.banned_token_ids))
 
-    def __call__(self, logits: torch.Tensor, md: SamplingMetadata, out: torch.Tensor | None = None) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [B, vocab] in any float dtype (the model runner passes the lm_head's own) -> one token per row.
         A `plain_greedy` batch takes the argmax of them as they are (on CUDA with the Triton backend
-        kernels/sampling.py's `greedy_argmax`); any other is cast to float32 first. With `out` ([B] int64,
-        contiguous: the CUDA graphs' `sampled`) the ids are written there and `sampled` is `out`; the Triton
-        argmax writes it directly, the other paths copy."""
-        res = self._sample(logits, md, out)
-        if out is not None and res.sampled.data_ptr() != out.data_ptr():
-            out.copy_(res.sampled)
-            res.sampled = out
-        return res
-
-    def _sample(self, logits: torch.Tensor, md: SamplingMetadata, out: torch.Tensor | None) -> SamplerOutput:
+        kernels/sampling.py's `greedy_argmax`); any other is cast to float32 first."""
         if self.plain_greedy(md):
             if self.backend == "triton" and logits.is_cuda:
                 from llamaserve.kernels.sampling import greedy_argmax
 
-                return SamplerOutput(greedy_argmax(logits, out=out), None, None, None, None)
+                return SamplerOutput(greedy_argmax(logits), None, None, None, None)
             return SamplerOutput(logits.argmax(dim=-1), None, None, None, None)
         logits = logits.float()
         k_max = max((p.logprobs for p in md.params if p.logprobs is not None), default=None)
