@@ -1,0 +1,76 @@
+"""HBM bandwidth on this GPU three ways: a device-to-device copy (read + write, the ceiling docs/performance.md
+has used), a read-only Triton stream (what a one-token decode step does to its weights), and the two reads of
+a Scout decode step that are plain library calls: cuBLAS's bf16 one-row GEMM at the lm_head's shape
+(202,048 x 5,120) and torch's sum.
+
+    PYTHONPATH=src python3 benchmarks/hbm_read_probe.py   # writes $OUT/hbm_read.json
+
+Each is timed over 20 launches between CUDA events after 3 warm-up launches, on 2 GiB (copy, Triton read, sum)
+or the 2.07 GB lm_head, far past the 50 MB L2. The Triton read kernel's launch is swept (elements per step,
+steps per program, warps) and the best kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from functools import partial
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _read_kernel(X, Out, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(STEPS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(Out + tl.program_id(0), tl.sum(acc, 0))
+
+
+def per_launch(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
+def main() -> None:
+    res: dict = {"device": torch.cuda.get_device_name(0)}
+    n = 2**29  # float32 elements: 2 GiB
+    x = torch.rand(n, device="cuda")
+    y = torch.empty_like(x)
+    res["copy_TBps_read_plus_write"] = round(2 * x.nbytes / per_launch(partial(y.copy_, x)) / 1e12, 3)
+    sweep = {}
+    for block, steps, warps in itertools.product((1024, 2048, 4096), (4, 16, 64), (4, 8)):
+        grid = (triton.cdiv(n, block * steps),)
+        out = torch.empty(grid[0], device="cuda")
+        t = per_launch(partial(_read_kernel[grid], x, out, n, BLOCK=block, STEPS=steps, num_warps=warps))
+        sweep[f"{block}x{steps}x{warps}"] = round(x.nbytes / t / 1e12, 3)
+        if block == 1024 and steps == 4 and warps == 4:  # the kernel reads what it should
+            torch.testing.assert_close(out.sum(), x.sum(), rtol=1e-3, atol=1.0)
+    best = max(sweep, key=sweep.get)
+    res["triton_read_TBps"] = {"best": [best, sweep[best]], "sweep": sweep}
+    res["torch_sum_TBps"] = round(x.nbytes / per_launch(x.sum) / 1e12, 3)
+    w = torch.randn(202048, 5120, dtype=torch.bfloat16, device="cuda")
+    h = torch.randn(1, 5120, dtype=torch.bfloat16, device="cuda")
+    t = per_launch(partial(torch.nn.functional.linear, h, w))
+    res["lm_head_gemv_us"] = round(t * 1e6, 1)
+    res["lm_head_gemv_TBps"] = round(w.nbytes / t / 1e12, 3)
+    print(json.dumps(res, indent=1))
+    with open(os.path.join(os.environ.get("OUT", "."), "hbm_read.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
