@@ -1,7 +1,7 @@
 """HBM bandwidth on this GPU three ways: a device-to-device copy (read + write, the ceiling docs/performance.md
 has used), a read-only Triton stream (what a one-token decode step does to its weights), and the two reads of
-a Scout decode step that are plain library calls: cuBLAS's bf16 one-row GEMM at the lm_head's shape
-(202,048 x 5,120) and torch's sum.
+a Scout decode step's largest read: its bf16 lm_head (202,048 x 5,120) at one row, by cuBLAS (F.linear) and
+by kernels/gemv.py (launch swept), and torch's sum.
 
     PYTHONPATH=src python3 benchmarks/hbm_read_probe.py   # writes $OUT/hbm_read.json
 
@@ -67,6 +67,18 @@ def main() -> None:
     t = per_launch(partial(torch.nn.functional.linear, h, w))
     res["lm_head_gemv_us"] = round(t * 1e6, 1)
     res["lm_head_gemv_TBps"] = round(w.nbytes / t / 1e12, 3)
+    from llamaserve.kernels.gemv import gemv
+
+    lm = {}
+    for bn, bk, nw in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8)):
+        if bn * bk > 32768:  # more than 64 KB of weights per step and program: spills
+            continue
+        lm[f"{bn}x{bk}x{nw}"] = round(per_launch(partial(gemv, h, w, bn, bk, nw)) * 1e6, 1)
+    best = min(lm, key=lm.get)
+    bn, bk, nw = (int(v) for v in best.split("x"))
+    torch.testing.assert_close(gemv(h, w, bn, bk, nw).float(), torch.nn.functional.linear(h, w).float(),
+                               rtol=2e-2, atol=2e-2)
+    res["lm_head_triton_gemv_us"] = {"best": [best, lm[best], round(w.nbytes / lm[best] / 1e6, 3)], "sweep": lm}
     print(json.dumps(res, indent=1))
     with open(os.path.join(os.environ.get("OUT", "."), "hbm_read.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,11 +38,37 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    """The LM head: with the Triton backend on CUDA, one row (a batch-1 decode step) takes the GEMV of
+    kernels/gemv.py, which streams the weight faster than cuBLAS's one-row GEMM; more rows take F.linear.
+    LLAMASERVE_LM_HEAD_GEMV=0 turns the GEMV off, =BLOCK_NxBLOCK_KxWARPS sets its launch (sweeps)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, backend: str = "torch") -> None:
+        super().__init__(num_embeddings, embedding_dim, dtype)
+        self.backend = backend
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] (gathered over ranks, padding dropped)."""
-        logits = F.linear(hidden, self.weight)
+        logits = self._gemv(hidden) if self.backend == "triton" and hidden.is_cuda else None
+        if logits is None:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             torch.distributed.all_gather(parts, logits)
             logits = torch.cat(parts, dim=-1)
         return logits[:, : self.num_embeddings]
+
+    def _gemv(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        from llamaserve.kernels import gemv
+
+        env = os.environ.get("LLAMASERVE_LM_HEAD_GEMV", "")
+        if env == "0" or hidden.shape[0] != 1 or hidden.stride(-1) != 1:
+            return None
+        launch = {}
+        if env:
+            try:
+                block_n, block_k, warps = (int(v) for v in env.split("x"))
+            except ValueError:
+                raise ValueError(f"LLAMASERVE_LM_HEAD_GEMV={env!r}: expected 0 or BLOCK_NxBLOCK_KxWARPS, "
+                                 "e.g. 64x256x4") from None
+            launch = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
+        return gemv.gemv(hidden, self.weight, **launch)

@@ -174,7 +174,7 @@ class Llama4ForCausalLM(nn.Module):
         self.model.layers = nn.ModuleList(Llama4DecoderLayer(cfg, i, rotary, dtype, backend, quant)
                                           for i in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, backend)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, backend)
         if getattr(cfg, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,0 +1,54 @@
+"""The LM head's GEMV (kernels/gemv.py) against its float32 reference on fresh random inputs: vocabularies and hidden
+sizes that are and are not multiples of the launch's blocks, a row of a larger batch, bf16 and float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaserve.kernels.gemv import BLOCK_K, BLOCK_N, gemv, gemv_torch
+
+
+@pytest.mark.parametrize("n,k", [(4 * BLOCK_N, 2 * BLOCK_K), (1000, 576), (37, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_matches_reference(n, k, dtype, device):
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    w = torch.randn(n, k, generator=gen).to(device, dtype)
+    hidden = torch.randn(3, k, generator=gen).to(device, dtype)
+    x = hidden[1:2]  # a row of a larger tensor, as the model runner passes it
+    y = gemv(x, w)
+    want = gemv_torch(x, w)
+    assert y.shape == (1, n) and y.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    else:  # float32 sums in another order, both rounded to bf16: at most a rounding step apart
+        torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_gemv_launch_overrides_and_bad_shapes(device):
+    w = torch.randn(300, 256, device=device)
+    x = torch.randn(1, 256, device=device)
+    for block_n, block_k, warps in ((16, 512, 4), (32, 128, 2)):
+        torch.testing.assert_close(gemv(x, w, block_n, block_k, warps), gemv_torch(x, w), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.randn(2, 256, device=device), w)
+    with pytest.raises(ValueError, match="K-contiguous"):
+        gemv(x, w.t().contiguous().t())
+
+
+def test_lm_head_takes_the_gemv_for_one_row_only(monkeypatch, device):
+    """ParallelLMHead: one row with the Triton backend on CUDA goes to the GEMV, anything else (more rows, the torch
+    backend, LLAMASERVE_LM_HEAD_GEMV=0) to F.linear; a malformed override names itself."""
+    from llamaserve.layers.embedding import ParallelLMHead
+
+    head = ParallelLMHead(100, 64, torch.float32, backend="triton").to(device)
+    head.weight.data.normal_()
+    h = torch.randn(2, 64, device=device)
+    assert (head._gemv(h[:1]) is not None) and head._gemv(h) is None
+    torch.testing.assert_close(head._gemv(h[:1]), gemv_torch(h[:1], head.weight), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(head.compute_logits(h), h @ head.weight.t())
+    monkeypatch.setenv("LLAMASERVE_LM_HEAD_GEMV", "0")
+    assert head._gemv(h[:1]) is None
+    monkeypatch.setenv("LLAMASERVE_LM_HEAD_GEMV", "64x256")
+    with pytest.raises(ValueError, match="LLAMASERVE_LM_HEAD_GEMV='64x256'"):
+        head._gemv(h[:1])
