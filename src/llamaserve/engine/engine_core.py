@@ -55,9 +55,9 @@ class EngineCore:
         """A few dummy requests through the step loop before the first user's, so that the kernels a real batch
         compiles on first use (Triton specializes on integer arguments: a prefill of several sequences, lengths
         that are not multiples of 16, mixed prefill + decode steps, sampled and logprob rows) compile now: the
-        start-up dummy prefill is one sequence. On a fresh Scout server the first 4 x 1,024-token prompts seem to
-        have waited ~7 s for their first token, the later ones ~0.2 s (H200, inferred from the TTFT mean /
-        median / p99, not confirmed; its effect is not yet measured: docs/performance.md). Phase one
+        start-up dummy prefill is one sequence. H200, 2026-12-01 (docs/performance.md): a fresh engine's first
+        batch of four 1,024-token prompts took 0.91 s without it and 0.04 s with it (benchmarks/warmup_probe.py);
+        Scout served at concurrency 4 with a mean TTFT of 0.38 s (p99 0.61) where it was 3.6 s (p99 7.0). Phase one
         runs one prompt alone, phase two four at once (greedy, greedy with logprobs, seeded top-p sampling); then
         the counters the metrics read are reset. `warmup=False` skips it (default: on with CUDA)."""
         import random
