@@ -52,3 +52,18 @@ def test_lm_head_takes_the_gemv_for_one_row_only(monkeypatch, device):
     monkeypatch.setenv("LLAMASERVE_LM_HEAD_GEMV", "64x256")
     with pytest.raises(ValueError, match="LLAMASERVE_LM_HEAD_GEMV='64x256'"):
         head._gemv(h[:1])
+
+
+@pytest.mark.parametrize("n,k", [(4 * BLOCK_N, 2 * BLOCK_K), (300, 320)])
+def test_gemv_fp8_with_scales(n, k, device):
+    """FP8 weight and input with per-tensor scales (a one-token FP8 linear): the float32 sums times both scales."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) * 0.5).to(device).to(torch.float8_e4m3fn)
+    x = torch.randn(1, k, generator=gen).to(device).to(torch.float8_e4m3fn)
+    sx, sw = torch.tensor(0.02, device=device), torch.tensor(0.003, device=device)
+    y = gemv(x, w, x_scale=sx, w_scale=sw, out_dtype=torch.bfloat16)
+    want = gemv_torch(x, w, sx, sw, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="both x_scale and w_scale"):
+        gemv(x, w, x_scale=sx)

@@ -104,3 +104,41 @@ def test_dummy_fp8_calibrated_and_agrees_with_dequantized(tiny_llama_dir):
     a, b = prefill_logits(ref, ids), prefill_logits(fp8, ids)
     assert (a - b).norm() / a.norm() < 0.1
     assert _agreement(a, b) >= 0.9
+
+
+def test_small_m_mode_is_checked(monkeypatch):
+    from llamaserve.layers.quantization import small_m_mode
+
+    monkeypatch.delenv("LLAMASERVE_FP8_SMALL_M", raising=False)
+    assert small_m_mode() == "auto"
+    monkeypatch.setenv("LLAMASERVE_FP8_SMALL_M", "cutlass")
+    with pytest.raises(ValueError, match="LLAMASERVE_FP8_SMALL_M='cutlass': expected one of auto, cublas, gemv"):
+        small_m_mode()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-token dispatch is CUDA-only (the GEMV kernel itself "
+                    "is tested on the CPU in tests/kernels/test_gemv.py)")
+def test_one_token_gemv_dispatch(monkeypatch):
+    """A marked layer's one-row call takes kernels/gemv.py, an unmarked one's or a two-row call cuBLAS; all match the
+    reference. LLAMASERVE_FP8_SMALL_M=cublas turns the GEMV off, =gemv on for every layer."""
+    from llamaserve.kernels import gemv
+
+    torch.manual_seed(2)
+    layer = RowParallelLinear(512, 300, False, torch.bfloat16, QuantConfig(static_input_scales=True)).cuda()
+    layer.weight.weight_loader(layer.weight, torch.randn(300, 512) * 0.1)
+    layer.input_scale.weight_loader(layer.input_scale, torch.tensor(0.01))
+    layer.finalize()
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    sx = layer.static_input_scale
+    for rows, marked, mode, want_calls in ((1, True, "auto", [1]), (2, True, "auto", []), (1, False, "auto", []),
+                                           (1, True, "cublas", []), (1, False, "gemv", [1])):
+        calls.clear()
+        monkeypatch.setenv("LLAMASERVE_FP8_SMALL_M", mode)
+        layer.one_token_gemv = marked
+        want = reference_fp8_linear(quantize_fp8(x[:rows], sx), sx, layer.weight, layer.weight_scale, None,
+                                    torch.bfloat16)
+        torch.testing.assert_close(layer(x[:rows]).float(), want.float(), rtol=2e-2, atol=2e-2)
+        assert calls == want_calls, (rows, marked, mode)

@@ -47,6 +47,10 @@ def test_layer_pattern(tiny_llama4_dir):
     assert [type(layer.feed_forward).__name__ for layer in layers] == ["LlamaMLP", "Llama4MoE"] * 2
     assert [layer.self_attn.use_rope for layer in layers] == [True, False, True, False]
     assert [layer.self_attn.attn.chunk_size for layer in layers] == [16, 0, 16, 0]
+    from llamaserve.layers.linear import LinearBase
+
+    linears = [m for m in layers.modules() if isinstance(m, LinearBase)]
+    assert linears and all(m.one_token_gemv for m in linears)  # FP8 one-token calls take the GEMV
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -1,26 +1,51 @@
-"""Triton GEMV for the LM head at batch 1: y = x @ W^T for one row x [1, K] and a float weight W [N, K] (bf16 in
-practice; fp16 / float32 work too), float32 sums, y [1, N] in W's dtype.
+"""Triton GEMV for one-row steps (batch-1 decode): y = x @ W^T for x [1, K] and W [N, K], float32 sums, y [1, N].
+Two uses, both measured on Scout at batch 1 on H200 (docs/performance.md):
 
-At batch 1 the LM head of Llama 4 (202,048 x 5,120 bf16, 2.07 GB) is the largest single read of a decode step.
-cuBLAS's one-row GEMM streams it at 4.09 TB/s (506 us) on an H200 where a plain read-only stream reaches 4.55
-(benchmarks/hbm_read_probe.py); this kernel is that stream with the dot product on top, 464.5 us (4.45 TB/s) on
-the same GPU, -0.045 ms per Scout decode step. Each program owns BLOCK_N rows of W and walks K in BLOCK_K slices
-(plain loads, products summed in float32; no tensor cores: one flop per byte), so the grid has N / BLOCK_N
-programs, thousands, enough to keep HBM busy. At 2 and 4 rows it lost to cuBLAS (542 / 771 against 507 / 509 us),
-so it takes one row only. Reference: `gemv_torch` (float32 matmul, cast to W's dtype).
+- the LM head (bf16 W, 202,048 x 5,120, 2.07 GB): cuBLAS's one-row GEMM streams it at 4.09-4.32 TB/s where a plain
+  read-only stream reaches 4.56-4.66 (benchmarks/hbm_read_probe.py); this kernel at 4.45-4.58 TB/s (452-465 against
+  479-506 us), -0.01 to -0.045 ms per step. At 2 and 4 rows a 4-row form lost to cuBLAS (542 / 771 against
+  507 / 509 us), so it takes one row only.
+- FP8 W8A8 linears (FP8 W and x with per-tensor scales): Llama 4's qkv, o and shared-expert down at one token
+  (26-42 MB each). Alone they are no faster than cuBLAS (11.74 / 9.58 / 13.38 against 11.52 / 9.73 / 13.72 us,
+  benchmarks/gemv_bench.py), but inside the step, with the graph's other kernels around them (PDL launches, the
+  routed expert's GEMMs on the other stream), the small programs fit better: -0.06 ms per Scout step (5.298
+  against 5.356 ms by `bench latency`, one lease).
+
+Each program owns BLOCK_N rows of W and walks K in BLOCK_K slices (plain loads, products summed in float32; no
+tensor cores: one flop per byte), so the grid has N / BLOCK_N programs, hundreds to thousands. Reference:
+`gemv_torch` (float32 matmul, times the scales, cast).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # H200 sweep (docs/performance.md): 64-32-16 x 256 within 3 us
+BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
+FP8_LAUNCH = (8, 1024, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweep of Scout's qkv (gemv_bench.py)
+
+
+def env_launch(name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) from the environment variable `name` ("BLOCK_NxBLOCK_KxWARPS"), else `default`."""
+    env = os.environ.get(name, "")
+    if not env:
+        return default
+    try:
+        block_n, block_k, warps = (int(v) for v in env.split("x"))
+        if min(block_n, block_k, warps) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}={env!r}: expected BLOCK_NxBLOCK_KxWARPS (positive integers), e.g. "
+                         f"{'x'.join(map(str, default))}") from None
+    return block_n, block_k, warps
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
@@ -31,23 +56,35 @@ def _gemv_kernel(X, W, Y, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.con
         w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :], 1)
+    if HAS_SCALE:  # FP8 operands: per-tensor scales
+        acc = acc * (tl.load(SX) * tl.load(SW))
     tl.store(Y + rows, acc.to(Y.dtype.element_ty), mask=row_ok)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-         num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in w's dtype."""
+         num_warps: int = NUM_WARPS, x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
+    FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale."""
     m, k = x.shape
     n = w.shape[0]
     if m != 1 or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv takes one row and K-contiguous operands of one K, got x {tuple(x.shape)} "
                          f"(strides {x.stride()}) and w {tuple(w.shape)} (strides {w.stride()})")
-    y = torch.empty((1, n), dtype=w.dtype, device=w.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+    if (x_scale is None) != (w_scale is None):
+        raise ValueError("gemv: give both x_scale and w_scale, or neither")
+    y = torch.empty((1, n), dtype=out_dtype or w.dtype, device=w.device)
+    scaled = x_scale is not None
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
+                                             w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps)
     return y
 
 
-def gemv_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The reference: float32 products and sums, cast to w's dtype."""
-    return (x.float() @ w.float().t()).to(w.dtype)
+def gemv_torch(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None = None,
+               w_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference: float32 products and sums (times the scales), cast to `out_dtype` (default w's)."""
+    y = x.float() @ w.float().t()
+    if x_scale is not None:
+        y = y * (x_scale.float() * w_scale.float())
+    return y.to(out_dtype or w.dtype)

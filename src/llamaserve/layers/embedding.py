@@ -60,15 +60,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def _gemv(self, hidden: torch.Tensor) -> torch.Tensor | None:
         from llamaserve.kernels import gemv
 
-        env = os.environ.get("LLAMASERVE_LM_HEAD_GEMV", "")
-        if env == "0" or hidden.shape[0] != 1 or hidden.stride(-1) != 1:
+        if os.environ.get("LLAMASERVE_LM_HEAD_GEMV") == "0" or hidden.shape[0] != 1 or hidden.stride(-1) != 1:
             return None
-        launch = {}
-        if env:
-            try:
-                block_n, block_k, warps = (int(v) for v in env.split("x"))
-            except ValueError:
-                raise ValueError(f"LLAMASERVE_LM_HEAD_GEMV={env!r}: expected 0 or BLOCK_NxBLOCK_KxWARPS, "
-                                 "e.g. 64x256x4") from None
-            launch = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
-        return gemv.gemv(hidden, self.weight, **launch)
+        launch = gemv.env_launch("LLAMASERVE_LM_HEAD_GEMV", (gemv.BLOCK_N, gemv.BLOCK_K, gemv.NUM_WARPS))
+        return gemv.gemv(hidden, self.weight, *launch)

@@ -12,10 +12,14 @@ an input already quantized with `static_input_scale` (the fused RMSNorm / SiLU k
 `torch._scaled_mm` runs on CUDA (FP8 tensor cores); on the CPU the same product runs as a float32 matmul of the
 FP8 values, scaled after (torch 2.13's CPU `_scaled_mm` took 25 ms per row of a 576 x 1536 GEMM on a 2-core Xeon,
 a float32 matmul 0.3 ms, equal to 1e-5). `reference_fp8_linear` is the spec both are tested against (dequantize
-both operands, matmul in float32). LLAMASERVE_FP8_SMALL_M=triton sends calls of at most
-16 rows on CUDA to the Triton kernel kernels/fp8_gemv.py instead; the default stays cuBLAS, which measured
-faster on the H200 (3.54 against 3.19 TB/s of weight streamed at batch 1; 8B batch-1 decode step 3.29 against
-4.01 ms; docs/performance.md).
+both operands, matmul in float32).
+
+One-row calls on CUDA (batch-1 decode) of a layer marked `one_token_gemv` (Llama 4's linears, where it measured
+0.06 ms per Scout step faster) take kernels/gemv.py's FP8 GEMV instead of cuBLAS. LLAMASERVE_FP8_SMALL_M picks
+otherwise: `cublas` (every call on cuBLAS), `gemv` (every FP8 linear's one-row calls on the GEMV: for measuring
+other models; Llama 3's are unmeasured), `triton` (calls of at most 16 rows on the older tensor-core kernel
+kernels/fp8_gemv.py, which lost to cuBLAS on the 8B: 3.19 against 3.54 TB/s, step 4.01 against 3.29 ms);
+LLAMASERVE_FP8_GEMV=BLOCK_NxBLOCK_KxWARPS sets the GEMV's launch.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-SMALL_M_KERNEL = os.environ.get("LLAMASERVE_FP8_SMALL_M", "cublas")
+SMALL_M_MODES = ("auto", "cublas", "gemv", "triton")
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -130,6 +134,14 @@ def modelopt_config(model_dir: str | Path, hf_config_dict: dict[str, Any]) -> Qu
                        kv_cache_fp8=kv)
 
 
+def small_m_mode() -> str:
+    """LLAMASERVE_FP8_SMALL_M (default `auto`), checked: which kernel a few-row FP8 call takes (module docstring)."""
+    mode = os.environ.get("LLAMASERVE_FP8_SMALL_M", "auto")
+    if mode not in SMALL_M_MODES:
+        raise ValueError(f"LLAMASERVE_FP8_SMALL_M={mode!r}: expected one of {', '.join(SMALL_M_MODES)}")
+    return mode
+
+
 class Fp8LinearMethod:
     """W8A8 FP8 per-tensor. See the module docstring for the layout."""
 
@@ -170,7 +182,15 @@ class Fp8LinearMethod:
             xq = quantize_fp8(x, sx)
         shape = xq.shape
         xq = xq.reshape(-1, shape[-1])
-        if xq.shape[0] <= 16 and xq.is_cuda and SMALL_M_KERNEL == "triton":
+        mode = small_m_mode() if xq.is_cuda and xq.shape[0] <= 16 else "cublas"
+        if xq.shape[0] == 1 and layer.bias is None and (
+                mode == "gemv" or (mode == "auto" and getattr(layer, "one_token_gemv", False))):
+            from llamaserve.kernels import gemv
+
+            y = gemv.gemv(xq, layer.weight, *gemv.env_launch("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH), x_scale=sx,
+                          w_scale=layer.weight_scale, out_dtype=layer.out_dtype)
+            return y.reshape(*shape[:-1], y.shape[-1])
+        if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv
 
             y = fp8_gemv(xq, sx, layer.weight, layer.weight_scale, layer.bias, layer.out_dtype)

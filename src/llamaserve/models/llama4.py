@@ -23,6 +23,7 @@ from torch import nn
 
 from llamaserve.layers.attention import Attention, ForwardBatch
 from llamaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from llamaserve.layers.linear import LinearBase
 from llamaserve.layers.moe import Llama4MoE, PendingSum
 from llamaserve.layers.norm import RMSNorm
 from llamaserve.layers.quantization import QuantConfig
@@ -177,6 +178,9 @@ class Llama4ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, backend)
         if getattr(cfg, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+        for module in self.model.layers.modules():  # FP8 one-token calls take the GEMV (layers/quantization.py)
+            if isinstance(module, LinearBase):
+                module.one_token_gemv = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)

@@ -1,0 +1,72 @@
+"""Scout's one-token FP8 linears (qkv, o, shared down) by cuBLAS `_scaled_mm` and by kernels/gemv.py (launch swept).
+
+    PYTHONPATH=src python3 benchmarks/gemv_bench.py   # writes $OUT/gemv_bench.json
+
+Each timing is one CUDA graph of 8 launches over 8 copies of the weight (so none is read from the 50 MB L2), 20
+replays between CUDA events; microseconds per launch. The best launch's output is checked against cuBLAS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from functools import partial
+
+import torch
+
+from llamaserve.kernels.gemv import gemv
+
+FP8 = torch.float8_e4m3fn
+SWEEP = [tuple(int(v) for v in part.split(","))  # SWEEP="BLOCK_Ns;BLOCK_Ks;warps"
+         for part in os.environ.get("SWEEP", "16,32,64,128;256,512,1024;4,8").split(";")]
+SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "shared_down": (5120, 8192)}
+
+
+def graph_us(fns: list) -> float:
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return round(a.elapsed_time(b) * 1e3 / 20 / len(fns), 2)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    res: dict = {"device": torch.cuda.get_device_name(0)}
+    sx, sw = torch.tensor(0.02, device="cuda"), torch.tensor(0.003, device="cuda")
+    for name, (n, k) in SHAPES.items():
+        ws = [((torch.rand(n, k, device="cuda") - 0.5) * 0.2).to(FP8) for _ in range(8)]
+        x = torch.randn(1, k, device="cuda").to(FP8)
+        row = {"cublas": graph_us([partial(torch._scaled_mm, x, w.t(), scale_a=sx, scale_b=sw,
+                                           out_dtype=torch.bfloat16) for w in ws])}
+        for bn, bk, nw in itertools.product(*SWEEP):
+            if bn * bk > 65536:
+                continue
+            row[f"{bn}x{bk}x{nw}"] = graph_us([partial(gemv, x, w, bn, bk, nw, sx, sw, torch.bfloat16) for w in ws])
+        best = min((key for key in row if key != "cublas"), key=row.get)
+        bn, bk, nw = (int(v) for v in best.split("x"))
+        got = gemv(x, ws[0], bn, bk, nw, sx, sw, torch.bfloat16).float()
+        ref = torch._scaled_mm(x, ws[0].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).float()
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=1e-3)
+        row["best"] = [best, row[best], round(n * k / row[best] / 1e6, 3), "cublas TB/s",
+                       round(n * k / row["cublas"] / 1e6, 3)]
+        res[name] = row
+        print(name, "cublas", row["cublas"], "best", row["best"], flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "gemv_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
