@@ -2,8 +2,9 @@
 
     PYTHONPATH=src python3 benchmarks/gemv_bench.py   # writes $OUT/gemv_bench.json
 
-Each timing is one CUDA graph of 8 launches over 8 copies of the weight (so none is read from the 50 MB L2), 20
-replays between CUDA events; microseconds per launch. The best launch's output is checked against cuBLAS.
+Each timing is one CUDA graph of 8 launches over 8 copies of the weight (so none is read from the 50 MB L2),
+replayed between CUDA events (decode_bench.py's `graph_us`); microseconds per launch. The best launch's output
+is checked against cuBLAS. SWEEP="BLOCK_Ns;BLOCK_Ks;warps" sets the launch grid (e.g. "4,8,16;1024,2048;4,8").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from functools import partial
 
 import torch
+from decode_bench import graph_us  # benchmarks/ (this script's folder) is on sys.path
 
 from llamaserve.kernels.gemv import gemv
 
@@ -21,25 +23,6 @@ FP8 = torch.float8_e4m3fn
 SWEEP = [tuple(int(v) for v in part.split(","))  # SWEEP="BLOCK_Ns;BLOCK_Ks;warps"
          for part in os.environ.get("SWEEP", "16,32,64,128;256,512,1024;4,8").split(";")]
 SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "shared_down": (5120, 8192)}
-
-
-def graph_us(fns: list) -> float:
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return round(a.elapsed_time(b) * 1e3 / 20 / len(fns), 2)
 
 
 def main() -> None:

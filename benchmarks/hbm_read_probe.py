@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import triton
 import triton.language as tl
+from moe_bench import per_launch  # benchmarks/ (this script's folder) is on sys.path
 
 
 @triton.jit
@@ -30,19 +31,6 @@ def _read_kernel(X, Out, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(X + offs, mask=offs < n, other=0.0)
     tl.store(Out + tl.program_id(0), tl.sum(acc, 0))
-
-
-def per_launch(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / iters
 
 
 def main() -> None:
