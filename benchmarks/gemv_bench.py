@@ -1,4 +1,6 @@
-"""Scout's one-token FP8 linears (qkv, o, shared down) by cuBLAS `_scaled_mm` and by kernels/gemv.py (launch swept).
+"""Scout's one-token FP8 linears (qkv, o, shared down, and one expert's gate-up) by cuBLAS `_scaled_mm`, by the
+tensor-core decode GEMM the MoE uses (kernels/moe_decode.py `_gemm` at its default launch; SiLU-and-mul fused
+for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept).
 
     PYTHONPATH=src python3 benchmarks/gemv_bench.py   # writes $OUT/gemv_bench.json
 
@@ -17,36 +19,42 @@ from functools import partial
 import torch
 from decode_bench import graph_us  # benchmarks/ (this script's folder) is on sys.path
 
+from llamaserve.kernels import moe_decode as md
 from llamaserve.kernels.gemv import gemv
 
 FP8 = torch.float8_e4m3fn
 SWEEP = [tuple(int(v) for v in part.split(","))  # SWEEP="BLOCK_Ns;BLOCK_Ks;warps"
          for part in os.environ.get("SWEEP", "16,32,64,128;256,512,1024;4,8").split(";")]
-SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "shared_down": (5120, 8192)}
+SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "shared_down": (5120, 8192), "expert_gate_up": (16384, 5120)}
 
 
 def main() -> None:
     torch.manual_seed(0)
     res: dict = {"device": torch.cuda.get_device_name(0)}
     sx, sw = torch.tensor(0.02, device="cuda"), torch.tensor(0.003, device="cuda")
+    out_ref = torch.empty(1, dtype=torch.bfloat16, device="cuda")  # the decode GEMM's output dtype
     for name, (n, k) in SHAPES.items():
         ws = [((torch.rand(n, k, device="cuda") - 0.5) * 0.2).to(FP8) for _ in range(8)]
         x = torch.randn(1, k, device="cuda").to(FP8)
         row = {"cublas": graph_us([partial(torch._scaled_mm, x, w.t(), scale_a=sx, scale_b=sw,
                                            out_dtype=torch.bfloat16) for w in ws])}
+        glu = name.endswith("gate_up")  # the decode GEMM as the engine runs it: SiLU-and-mul, FP8 out
+        out = torch.empty(1, n // 2 if glu else n, dtype=FP8 if glu else torch.bfloat16, device="cuda")
+        row["decode_gemm"] = graph_us([partial(md._gemm, x, w.t().unsqueeze(0), out, None, out.shape[1], glu, sx,
+                                               sw, out_ref, out_scale=sx if glu else None) for w in ws])
         for bn, bk, nw in itertools.product(*SWEEP):
             if bn * bk > 65536:
                 continue
             row[f"{bn}x{bk}x{nw}"] = graph_us([partial(gemv, x, w, bn, bk, nw, sx, sw, torch.bfloat16) for w in ws])
-        best = min((key for key in row if key != "cublas"), key=row.get)
+        best = min((key for key in row if key not in ("cublas", "decode_gemm")), key=row.get)
         bn, bk, nw = (int(v) for v in best.split("x"))
         got = gemv(x, ws[0], bn, bk, nw, sx, sw, torch.bfloat16).float()
-        ref = torch._scaled_mm(x, ws[0].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).float()
-        torch.testing.assert_close(got, ref, rtol=2e-2, atol=1e-3)
+        want = torch._scaled_mm(x, ws[0].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).float()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3)
         row["best"] = [best, row[best], round(n * k / row[best] / 1e6, 3), "cublas TB/s",
                        round(n * k / row["cublas"] / 1e6, 3)]
         res[name] = row
-        print(name, "cublas", row["cublas"], "best", row["best"], flush=True)
+        print(name, "cublas", row["cublas"], "decode_gemm", row["decode_gemm"], "best", row["best"], flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "gemv_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
 
