@@ -7,9 +7,9 @@ Two uses, both measured on Scout at batch 1 on H200 (docs/performance.md):
   507 / 509 us), so it takes one row only.
 - FP8 W8A8 linears (FP8 W and x with per-tensor scales): Llama 4's qkv, o and shared-expert down at one token
   (26-42 MB each). Alone they are no faster than cuBLAS (11.74 / 9.58 / 13.38 against 11.52 / 9.73 / 13.72 us,
-  benchmarks/gemv_bench.py), but inside the step, with the graph's other kernels around them (PDL launches, the
-  routed expert's GEMMs on the other stream), the small programs fit better: -0.06 ms per Scout step (5.298
-  against 5.356 ms by `bench latency`, one lease).
+  benchmarks/gemv_bench.py), yet the step is 0.06 ms faster with them (5.298 against 5.356 ms by `bench latency`,
+  one lease). Why is not measured; a guess: among the graph's other kernels (PDL launches, the routed expert's
+  GEMMs on the other stream) many small programs start and share SMs better than cuBLAS's few large ones.
 
 Each program owns BLOCK_N rows of W and walks K in BLOCK_K slices (plain loads, products summed in float32; no
 tensor cores: one flop per byte), so the grid has N / BLOCK_N programs, hundreds to thousands. Reference:
