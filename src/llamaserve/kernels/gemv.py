@@ -18,29 +18,13 @@ tensor cores: one flop per byte), so the grid has N / BLOCK_N programs, hundreds
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
 FP8_LAUNCH = (8, 1024, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweep of Scout's qkv (gemv_bench.py)
-
-
-def env_launch(name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) from the environment variable `name` ("BLOCK_NxBLOCK_KxWARPS"), else `default`."""
-    env = os.environ.get(name, "")
-    if not env:
-        return default
-    try:
-        block_n, block_k, warps = (int(v) for v in env.split("x"))
-        if min(block_n, block_k, warps) < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{name}={env!r}: expected BLOCK_NxBLOCK_KxWARPS (positive integers), e.g. "
-                         f"{'x'.join(map(str, default))}") from None
-    return block_n, block_k, warps
+LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASERVE_FP8_GEMV spell a launch
 
 
 @triton.jit

@@ -26,13 +26,13 @@ layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as ker
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from llamaserve.kernels import launch_from_env
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
@@ -254,22 +254,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def launch_from_env(name: str, default: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages) from the environment variable `name` ("BLOCK_NxBLOCK_KxWARPSxSTAGES",
-    e.g. 64x512x4x4), else `default`."""
-    env = os.environ.get(name)
-    if not env:
-        return default
-    try:
-        block_n, block_k, warps, stages = (int(v) for v in env.split("x"))
-        if min(block_n, block_k, warps, stages) < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{name}={env!r}: expected BLOCK_NxBLOCK_KxWARPSxSTAGES (positive integers), "
-                         "e.g. 64x512x4x4") from None
-    return block_n, block_k, warps, stages
-
-
 def fit_stages(block_k: int, stages: int, k: int, bytes_per_k: int) -> tuple[int, int]:
     """BLOCK_K capped at K (rounded up to a power of two, at least 16), then narrower K steps, then fewer stages,
     until `stages` pipeline stages of `bytes_per_k` bytes per K element fit `SMEM_BYTES`."""
@@ -293,7 +277,8 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
     "BLOCK_NxBLOCK_KxWARPSxSTAGES" (e.g. 64x512x4x4) override the defaults, for sweeps inside a whole model step
     (H200 Scout batch 1, 2026-12-01: every other launch tried was slower; docs/performance.md)."""
     name = "LLAMASERVE_MOE_DECODE_GLU" if glu else "LLAMASERVE_MOE_DECODE_DOWN"
-    block_n, block_k, warps, stages = launch_from_env(name, (32, 128, 2, 6) if glu else (64, 512, 4, 4))
+    block_n, block_k, warps, stages = launch_from_env(name, (32, 128, 2, 6) if glu else (64, 512, 4, 4),
+                                                      "BLOCK_NxBLOCK_KxWARPSxSTAGES")
     block_k, stages = fit_stages(block_k, stages, k, 16 * a_bytes + (2 if glu else 1) * block_n * w_bytes)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 

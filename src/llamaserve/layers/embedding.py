@@ -58,9 +58,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[:, : self.num_embeddings]
 
     def _gemv(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        from llamaserve.kernels import gemv
+        from llamaserve.kernels import gemv, launch_from_env
 
         if os.environ.get("LLAMASERVE_LM_HEAD_GEMV") == "0" or hidden.shape[0] != 1 or hidden.stride(-1) != 1:
             return None
-        launch = gemv.env_launch("LLAMASERVE_LM_HEAD_GEMV", (gemv.BLOCK_N, gemv.BLOCK_K, gemv.NUM_WARPS))
+        launch = launch_from_env("LLAMASERVE_LM_HEAD_GEMV", (gemv.BLOCK_N, gemv.BLOCK_K, gemv.NUM_WARPS),
+                                 gemv.LAUNCH_FIELDS)
         return gemv.gemv(hidden, self.weight, *launch)

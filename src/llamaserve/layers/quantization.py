@@ -185,10 +185,11 @@ class Fp8LinearMethod:
         mode = small_m_mode() if xq.is_cuda and xq.shape[0] <= 16 else "cublas"
         if xq.shape[0] == 1 and layer.bias is None and (
                 mode == "gemv" or (mode == "auto" and getattr(layer, "one_token_gemv", False))):
-            from llamaserve.kernels import gemv
+            from llamaserve.kernels import gemv, launch_from_env
 
-            y = gemv.gemv(xq, layer.weight, *gemv.env_launch("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH), x_scale=sx,
-                          w_scale=layer.weight_scale, out_dtype=layer.out_dtype)
+            launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
+            y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
+                          out_dtype=layer.out_dtype)
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv
