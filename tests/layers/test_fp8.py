@@ -120,12 +120,13 @@ def test_small_m_mode_is_checked(monkeypatch):
                     "is tested on the CPU in tests/kernels/test_gemv.py)")
 def test_one_token_gemv_dispatch(monkeypatch):
     """A marked layer's one-row call takes kernels/gemv.py, an unmarked one's or a two-row call cuBLAS; all match the
-    reference. LLAMASERVE_FP8_SMALL_M=cublas turns the GEMV off, =gemv on for every layer."""
+    reference. LLAMASERVE_FP8_SMALL_M=cublas turns the GEMV off, =gemv on for every layer. (320 outputs: cuBLAS's
+    FP8 GEMM wants both dimensions divisible by 16.)"""
     from llamaserve.kernels import gemv
 
     torch.manual_seed(2)
-    layer = RowParallelLinear(512, 300, False, torch.bfloat16, QuantConfig(static_input_scales=True)).cuda()
-    layer.weight.weight_loader(layer.weight, torch.randn(300, 512) * 0.1)
+    layer = RowParallelLinear(512, 320, False, torch.bfloat16, QuantConfig(static_input_scales=True)).cuda()
+    layer.weight.weight_loader(layer.weight, torch.randn(320, 512) * 0.1)
     layer.input_scale.weight_loader(layer.input_scale, torch.tensor(0.01))
     layer.finalize()
     calls = []

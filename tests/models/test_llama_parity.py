@@ -28,11 +28,12 @@ def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     n = len(ids)
     nb = -(-n // bs)
     assert nb <= runner.num_blocks
-    pos = torch.arange(n)
-    batch = ForwardBatch(pos, pos.clone(), torch.arange(nb)[None], torch.tensor([n]), torch.tensor([0, n]),
-                         [n], [n], bs)
+    dev = runner.device
+    pos = torch.arange(n, device=dev)
+    batch = ForwardBatch(pos, pos.clone(), torch.arange(nb, device=dev)[None], torch.tensor([n], device=dev),
+                         torch.tensor([0, n], device=dev), [n], [n], bs)
     with torch.inference_mode():
-        return runner.model.compute_logits(runner.model(torch.tensor(ids), pos, batch))
+        return runner.model.compute_logits(runner.model(torch.tensor(ids, device=dev), pos, batch))
 
 
 @pytest.mark.parametrize("overlap", [False, True])
