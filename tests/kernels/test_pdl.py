@@ -79,3 +79,62 @@ def test_pdl_kernels_match_ordinary_launches(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(got, want)
+
+
+def test_gemv_pdl_switches(monkeypatch):
+    """LLAMASERVE_GEMV_PDL picks the roles whose GEMV is a PDL launch (off by default), LLAMASERVE_GEMV_PRELOAD the
+    slices it loads first; malformed values name themselves. Off the GPU no kernel triggers."""
+    monkeypatch.delenv("LLAMASERVE_GEMV_PDL", raising=False)
+    monkeypatch.delenv("LLAMASERVE_GEMV_PRELOAD", raising=False)
+    assert not pdl.gemv_pdl("qkv") and not pdl.gemv_pdl("o") and pdl.gemv_preload() == 2
+    for mode, want in (("1", (True, True)), ("qkv", (True, False)), ("o", (False, True)), ("0", (False, False))):
+        monkeypatch.setenv("LLAMASERVE_GEMV_PDL", mode)
+        assert (pdl.gemv_pdl("qkv"), pdl.gemv_pdl("o")) == want
+    monkeypatch.setenv("LLAMASERVE_GEMV_PDL", "1")
+    assert not pdl.trigger_for_gemv("o", torch.device("cpu"))
+    monkeypatch.setenv("LLAMASERVE_GEMV_PDL", "yes")
+    with pytest.raises(ValueError, match="LLAMASERVE_GEMV_PDL='yes': expected 1 .on., 0 .off., qkv or o"):
+        pdl.gemv_pdl("o")
+    monkeypatch.setenv("LLAMASERVE_GEMV_PRELOAD", "5")
+    with pytest.raises(ValueError, match="LLAMASERVE_GEMV_PRELOAD='5': expected 0-4"):
+        pdl.gemv_preload()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper+ GPU; the switches are tested above and "
+                           "the preloading GEMV on the CPU (tests/kernels/test_gemv.py)")
+@pytest.mark.parametrize("preload", [0, 2, 4])
+def test_pdl_gemv_after_a_triggering_norm(preload, monkeypatch):
+    """norm (FP8 out, triggering at its start) -> FP8 GEMV as a PDL launch loading `preload` weight slices before
+    its wait -> norm of the GEMV's output: the bytes of ordinary launches, eagerly and from a CUDA graph."""
+    from llamaserve.kernels.gemv import FP8_LAUNCH, gemv
+    from llamaserve.kernels.norm_act import rms_norm
+
+    gen = torch.Generator().manual_seed(preload)
+    h, n = 5120, 7168
+    x = torch.randn(1, h, generator=gen).cuda().bfloat16()
+    nw = (1 + 0.1 * torch.randn(h, generator=gen)).cuda().bfloat16()
+    nw2 = (1 + 0.1 * torch.randn(n, generator=gen)).cuda().bfloat16()
+    w = (torch.randn(n, h, generator=gen) * 0.3).cuda().to(torch.float8_e4m3fn)
+    sx, sw = torch.tensor(0.02, device="cuda"), torch.tensor(0.003, device="cuda")
+
+    def chain():
+        y8 = rms_norm(x, nw, 1e-5, out_scale=sx)
+        out = gemv(y8, w, *FP8_LAUNCH, x_scale=sx, w_scale=sw, out_dtype=torch.bfloat16, preload=preload,
+                   pdl=pdl.gemv_pdl("qkv"))
+        return rms_norm(out, nw2, 1e-5)
+
+    monkeypatch.setenv("LLAMASERVE_PDL", "0")
+    want = chain()
+    monkeypatch.setenv("LLAMASERVE_PDL", "1")
+    monkeypatch.setenv("LLAMASERVE_GEMV_PDL", "qkv")
+    assert pdl.trigger_for_gemv("qkv", torch.device("cuda"))
+    assert torch.equal(chain(), want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
