@@ -67,20 +67,3 @@ def test_gemv_fp8_with_scales(n, k, device):
     torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-4)
     with pytest.raises(ValueError, match="both x_scale and w_scale"):
         gemv(x, w, x_scale=sx)
-
-
-@pytest.mark.parametrize("preload", [1, 2, 3, 4])
-def test_gemv_preloaded_slices(preload, device):
-    """The first `preload` K-slices loaded before the rest (the PDL form's order): the same sums, with K ending
-    inside a preloaded slice, at a slice's end and past the preloaded ones (K = 320 / 256 / 640 at 128-wide
-    slices); FP8 with scales. A preload outside 0-4 is refused."""
-    for k in (320, 256, 640):
-        gen = torch.Generator().manual_seed(preload * 1000 + k)
-        w = (torch.randn(72, k, generator=gen) * 0.5).to(device).to(torch.float8_e4m3fn)
-        x = torch.randn(1, k, generator=gen).to(device).to(torch.float8_e4m3fn)
-        sx, sw = torch.tensor(0.02, device=device), torch.tensor(0.003, device=device)
-        y = gemv(x, w, 16, 128, 4, sx, sw, torch.float32, preload=preload)
-        torch.testing.assert_close(y, gemv(x, w, 16, 128, 4, sx, sw, torch.float32), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(y, gemv_torch(x, w, sx, sw, torch.float32), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="preload is 0-4"):
-        gemv(x, w, preload=5)

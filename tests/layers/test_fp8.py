@@ -145,14 +145,3 @@ def test_one_token_gemv_dispatch(monkeypatch):
                                     torch.bfloat16)
         torch.testing.assert_close(layer(x[:rows]).float(), want.float(), rtol=2e-2, atol=2e-2)
         assert calls == want_calls, (rows, marked, mode)
-    # a layer with a PDL role: the GEMV launched as a programmatic dependent, same result
-    layer.one_token_gemv, layer.gemv_pdl_role = True, "o"
-    monkeypatch.setenv("LLAMASERVE_FP8_SMALL_M", "auto")
-    pdl_calls = []
-    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: pdl_calls.append((k["pdl"], k["preload"])) or real(*a, **k))
-    want = reference_fp8_linear(quantize_fp8(x[:1], sx), sx, layer.weight, layer.weight_scale, None, torch.bfloat16)
-    for env, want_call in (("o", (True, 2)), ("qkv", (False, 0))):
-        monkeypatch.setenv("LLAMASERVE_GEMV_PDL", env)
-        pdl_calls.clear()
-        torch.testing.assert_close(layer(x[:1]).float(), want.float(), rtol=2e-2, atol=2e-2)
-        assert pdl_calls == [want_call]

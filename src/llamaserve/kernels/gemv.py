@@ -22,55 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.pdl import gdc_wait, pdl_args
-
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
 FP8_LAUNCH = (8, 1024, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweep of Scout's qkv (gemv_bench.py)
 LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASERVE_FP8_GEMV spell a launch
 
 
 @triton.jit
-def _slice(w_ptrs, k0, row_ok, kk, K):
-    """One BLOCK_K-wide slice of the program's weight rows."""
-    return tl.load(w_ptrs + k0, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _dot_slice(acc, w, X, k0, kk, K):
-    x = tl.load(X + k0 + kk, mask=(k0 + kk) < K, other=0.0).to(tl.float32)
-    return acc + tl.sum(w.to(tl.float32) * x[None, :], 1)
-
-
-@triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRE: tl.constexpr = 0, PDL: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + kk[None, :]
-    # PRE (0-4): the first PRE K-slices of the weight rows are loaded first; as a programmatic dependent (PDL),
-    # before the wait, while the kernel before it still runs (no earlier kernel writes W)
-    w0, w1, w2, w3 = None, None, None, None
-    if PRE >= 1:
-        w0 = _slice(w_ptrs, 0, row_ok, kk, K)
-    if PRE >= 2:
-        w1 = _slice(w_ptrs, BLOCK_K, row_ok, kk, K)
-    if PRE >= 3:
-        w2 = _slice(w_ptrs, 2 * BLOCK_K, row_ok, kk, K)
-    if PRE >= 4:
-        w3 = _slice(w_ptrs, 3 * BLOCK_K, row_ok, kk, K)
-    if PDL:  # x (and a dynamic input scale) are the previous kernels' outputs
-        gdc_wait()
     acc = tl.zeros([BLOCK_N], tl.float32)
-    if PRE >= 1:
-        acc = _dot_slice(acc, w0, X, 0, kk, K)
-    if PRE >= 2:
-        acc = _dot_slice(acc, w1, X, BLOCK_K, kk, K)
-    if PRE >= 3:
-        acc = _dot_slice(acc, w2, X, 2 * BLOCK_K, kk, K)
-    if PRE >= 4:
-        acc = _dot_slice(acc, w3, X, 3 * BLOCK_K, kk, K)
-    for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + kk) < K
         w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -82,13 +47,9 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
          num_warps: int = NUM_WARPS, x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, preload: int = 0, pdl: bool = False) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
-    FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale.
-    `preload` (0-4): K-slices of W each program loads before anything else; `pdl`: launch as a programmatic
-    dependent (kernels/pdl.py, where the device can), so those loads run beside the kernel before it."""
-    if not 0 <= preload <= 4:
-        raise ValueError(f"gemv: preload is 0-4 K-slices, got {preload}")
+    FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale."""
     m, k = x.shape
     n = w.shape[0]
     if m != 1 or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
@@ -100,7 +61,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
                                              w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             PRE=preload, num_warps=num_warps, **(pdl_args(w.device) if pdl else {}))
+                                             num_warps=num_warps)
     return y
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_for_gemv
+from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
 
 
 @triton.jit
@@ -60,9 +60,7 @@ def rms_normalize(x, W, cols, mask, N, eps, w=None):
 def _rms_norm_kernel(X, X2, R, W, Y, S, Y8, S8, stride_x, stride_x2, stride_r, stride_y, stride_y8, N, eps,
                      HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
                      HAS_COPY: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                     EARLY: tl.constexpr = False, TRIGGER: tl.constexpr = False):
-    if TRIGGER:  # a PDL GEMV after it may start loading its weight now (pdl.trigger_for_gemv)
-        gdc_launch_dependents()
+                     EARLY: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -120,8 +118,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                HAS_X2=add is not None, HAS_RESIDUAL=residual is not None,
                                HAS_SCALE=out_scale is not None, HAS_COPY=fp8_copy is not None,
                                BLOCK=triton.next_power_of_2(n), num_warps=norm_warps(triton.next_power_of_2(n)),
-                               EARLY=early_loads(), TRIGGER=trigger_for_gemv("qkv", x.device),
-                               **pdl_args(x.device))
+                               EARLY=early_loads(), **pdl_args(x.device))
     return (y, y8) if fp8_copy is not None else y
 
 

@@ -37,7 +37,7 @@ import triton.language as tl
 from llamaserve.device_utils import arrival_counters, h2d
 from llamaserve.kernels import rope_kv
 from llamaserve.kernels.norm_act import round_e4m3
-from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_for_gemv
+from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
 from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperature
 
 
@@ -94,10 +94,7 @@ def _paged_attn_kernel(
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
     NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-    TRIGGER: tl.constexpr = False,
 ):
-    if TRIGGER:  # the o projection's PDL GEMV may start loading its weight now (pdl.trigger_for_gemv)
-        gdc_launch_dependents()
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -421,7 +418,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
-        SPARSE_MERGE=sparse, EARLY=early_loads(), TRIGGER=trigger_for_gemv("o", q.device), **pdl_args(q.device),
+        SPARSE_MERGE=sparse, EARLY=early_loads(), **pdl_args(q.device),
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )

@@ -28,8 +28,7 @@ except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty and 
     # (it asks pdl_args), so neither is ever traced
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "gemv_pdl", "gemv_preload", "pdl_args",
-           "trigger_early", "trigger_for_gemv"]
+__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "pdl_args", "trigger_early"]
 
 
 def early_loads() -> bool:
@@ -57,31 +56,3 @@ def pdl_args(device: torch.device) -> dict:
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return {}
     return {"PDL": True, "launch_pdl": True}
-
-
-GEMV_PDL_ROLES = ("qkv", "o")
-
-
-def gemv_pdl(role: str) -> bool:
-    """Whether the one-token FP8 GEMV of a layer in `role` ("qkv": after the input RMSNorm, "o": after attention)
-    launches as a programmatic dependent that loads `gemv_preload()` K-slices of its weight before its wait
-    (kernels/gemv.py), its predecessor calling `gdc_launch_dependents` at its start (`trigger_for_gemv`).
-    LLAMASERVE_GEMV_PDL: 1 (both roles), 0 (neither), qkv or o (that one)."""
-    mode = os.environ.get("LLAMASERVE_GEMV_PDL", "0")
-    if mode not in ("0", "1", *GEMV_PDL_ROLES):
-        raise ValueError(f"LLAMASERVE_GEMV_PDL={mode!r}: expected 1 (on), 0 (off), qkv or o (that GEMV only)")
-    return mode == "1" or mode == role
-
-
-def gemv_preload() -> int:
-    """K-slices of W a PDL-launched GEMV loads before its wait: LLAMASERVE_GEMV_PRELOAD, 0-4 (default 2)."""
-    env = os.environ.get("LLAMASERVE_GEMV_PRELOAD", "2")
-    if env not in ("0", "1", "2", "3", "4"):
-        raise ValueError(f"LLAMASERVE_GEMV_PRELOAD={env!r}: expected 0-4 (K-slices loaded before the PDL wait)")
-    return int(env)
-
-
-def trigger_for_gemv(role: str, device: torch.device) -> bool:
-    """Whether the kernel before a `role` GEMV (the input RMSNorm for qkv, decode attention for o) triggers its
-    dependents at its start: when that GEMV is a PDL launch (`gemv_pdl`) and the device can."""
-    return gemv_pdl(role) and bool(pdl_args(device))

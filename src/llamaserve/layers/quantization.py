@@ -19,9 +19,7 @@ One-row calls on CUDA (batch-1 decode) of a layer marked `one_token_gemv` (Llama
 otherwise: `cublas` (every call on cuBLAS), `gemv` (every FP8 linear's one-row calls on the GEMV: for measuring
 other models; Llama 3's are unmeasured), `triton` (calls of at most 16 rows on the older tensor-core kernel
 kernels/fp8_gemv.py, which lost to cuBLAS on the 8B: 3.19 against 3.54 TB/s, step 4.01 against 3.29 ms);
-LLAMASERVE_FP8_GEMV=BLOCK_NxBLOCK_KxWARPS sets the GEMV's launch. A layer with a `gemv_pdl_role` ("qkv" / "o",
-Llama 4) may launch its GEMV as a programmatic dependent that loads its first weight slices before waiting for
-the kernel before it (LLAMASERVE_GEMV_PDL, kernels/pdl.py `gemv_pdl`).
+LLAMASERVE_FP8_GEMV=BLOCK_NxBLOCK_KxWARPS sets the GEMV's launch.
 """
 
 from __future__ import annotations
@@ -188,13 +186,10 @@ class Fp8LinearMethod:
         if xq.shape[0] == 1 and layer.bias is None and (
                 mode == "gemv" or (mode == "auto" and getattr(layer, "one_token_gemv", False))):
             from llamaserve.kernels import gemv, launch_from_env
-            from llamaserve.kernels.pdl import gemv_pdl, gemv_preload
 
             launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
-            role = getattr(layer, "gemv_pdl_role", None)  # "qkv" / "o" (Llama 4): maybe a PDL launch
-            pdl = role is not None and gemv_pdl(role)
             y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
-                          out_dtype=layer.out_dtype, preload=gemv_preload() if pdl else 0, pdl=pdl)
+                          out_dtype=layer.out_dtype)
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv

@@ -181,9 +181,6 @@ class Llama4ForCausalLM(nn.Module):
         for module in self.model.layers.modules():  # FP8 one-token calls take the GEMV (layers/quantization.py)
             if isinstance(module, LinearBase):
                 module.one_token_gemv = True
-        for layer in self.model.layers:  # their GEMVs may launch as PDL dependents of the norm / attention
-            layer.self_attn.qkv_proj.gemv_pdl_role = "qkv"
-            layer.self_attn.o_proj.gemv_pdl_role = "o"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
