@@ -119,7 +119,21 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLMHead:
+    """What the model runner calls on every Llama-family model besides forward: logits from the LM head and the
+    attention layers (their KV caches). Mixed into LlamaForCausalLM and Llama4ForCausalLM, which hold
+    `lm_head` and `model.layers[i].self_attn.attn`."""
+
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab], float32 (upcast) or in the lm_head's dtype."""
+        logits = self.lm_head.compute_logits(hidden)
+        return logits.float() if upcast else logits
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+
+class LlamaForCausalLM(CausalLMHead, nn.Module):
     # checkpoint name piece -> (fused parameter name piece, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -137,14 +151,6 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.model(input_ids, positions, batch)
-
-    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab], float32 (upcast) or in the lm_head's dtype."""
-        logits = self.lm_head.compute_logits(hidden)
-        return logits.float() if upcast else logits
-
-    def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load (HF name, tensor) pairs; returns the parameter names that were filled."""

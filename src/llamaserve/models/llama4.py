@@ -28,7 +28,7 @@ from llamaserve.layers.moe import Llama4MoE, PendingSum
 from llamaserve.layers.norm import RMSNorm
 from llamaserve.layers.quantization import QuantConfig
 from llamaserve.layers.rotary import RotaryEmbedding, rope_parameters
-from llamaserve.models.llama import LlamaMLP, add_attention_projections, head_dim_of, load_packed_weights
+from llamaserve.models.llama import CausalLMHead, LlamaMLP, add_attention_projections, head_dim_of, load_packed_weights
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -156,7 +156,7 @@ class Llama4DecoderLayer(nn.Module):
         return ff(x), residual
 
 
-class Llama4ForCausalLM(nn.Module):
+class Llama4ForCausalLM(CausalLMHead, nn.Module):
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -190,14 +190,6 @@ class Llama4ForCausalLM(nn.Module):
         x, add = pending(x)
         x, _ = self.model.norm(x, residual, add=add)
         return x
-
-    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab], float32 (upcast) or in the lm_head's dtype."""
-        logits = self.lm_head.compute_logits(hidden)
-        return logits.float() if upcast else logits
-
-    def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         head_dim = head_dim_of(self.config)
