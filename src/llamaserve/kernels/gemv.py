@@ -4,7 +4,8 @@ Two uses, both measured on Scout at batch 1 on H200 (docs/performance.md):
 - the LM head (bf16 W, 202,048 x 5,120, 2.07 GB): cuBLAS's one-row GEMM streams it at 4.09-4.32 TB/s where a plain
   read-only stream reaches 4.56-4.66 (benchmarks/hbm_read_probe.py); this kernel at 4.45-4.58 TB/s (452-465 against
   479-506 us), -0.01 to -0.045 ms per step. At 2 and 4 rows a 4-row form lost to cuBLAS (542 / 771 against
-  507 / 509 us), so it takes one row only.
+  507 / 509 us), so it takes one row only. On Llama-3.1-8B (1.05 GB head) it is neutral in the step (3.005 /
+  2.992 against 2.992 / 3.020 ms off, one load, 2026-12-01).
 - FP8 W8A8 linears (FP8 W and x with per-tensor scales): Llama 4's qkv, o and shared-expert down at one token
   (26-42 MB each). Alone they are no faster than cuBLAS (11.74 / 9.58 / 13.38 against 11.52 / 9.73 / 13.72 us,
   benchmarks/gemv_bench.py), yet the step is 0.06 ms faster with them (5.298 against 5.356 ms by `bench latency`,

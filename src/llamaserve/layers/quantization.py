@@ -17,9 +17,10 @@ both operands, matmul in float32).
 One-row calls on CUDA (batch-1 decode) of a layer marked `one_token_gemv` (Llama 4's linears, where it measured
 0.06 ms per Scout step faster) take kernels/gemv.py's FP8 GEMV instead of cuBLAS. LLAMASERVE_FP8_SMALL_M picks
 otherwise: `cublas` (every call on cuBLAS), `gemv` (every FP8 linear's one-row calls on the GEMV: for measuring
-other models; Llama 3's are unmeasured), `triton` (calls of at most 16 rows on the older tensor-core kernel
-kernels/fp8_gemv.py, which lost to cuBLAS on the 8B: 3.19 against 3.54 TB/s, step 4.01 against 3.29 ms);
-LLAMASERVE_FP8_GEMV=BLOCK_NxBLOCK_KxWARPS sets the GEMV's launch.
+other models; on Llama-3.1-8B it cost 0.03-0.04 ms per batch-1 step, so Llama 3 does not mark its layers),
+`triton` (calls of at most 16 rows on the older tensor-core kernel kernels/fp8_gemv.py, which lost to cuBLAS on
+the 8B: 3.19 against 3.54 TB/s, step 4.01 against 3.29 ms); LLAMASERVE_FP8_GEMV=BLOCK_NxBLOCK_KxWARPS sets the
+GEMV's launch.
 """
 
 from __future__ import annotations
