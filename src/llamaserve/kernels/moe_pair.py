@@ -233,7 +233,7 @@ def moe_pair_decode(shared_input: torch.Tensor, routed_input: torch.Tensor, ids:
     hbuf = torch.empty((2, inter), dtype=torch.float8_e4m3fn if fp8 else ref.dtype, device=ref.device)
     out = torch.empty((1, h), dtype=ref.dtype, device=ref.device)
     s1r, s1s, wsr, wss, s2r, s2s, wdr, wds = scales if fp8 else (out,) * 8  # unused pointers when float
-    pdl = pdl_args(ref.device) if os.environ.get("LLAMASERVE_MOE_PAIR_PDL", "1") != "0" else {}
+    pdl = pdl_args(ref.device)
     kind = os.environ.get("LLAMASERVE_MOE_PAIR_KERNEL", "gemv")
     if fp8 and kind in ("tc", "tc2"):
         split = kind == "tc2"  # each band its own program; the two down outputs left unsummed (out [2, H])
