@@ -289,7 +289,7 @@ class Llama4MoE(nn.Module):
                     and gu.weight.dtype == dn.weight.dtype == FP8)
         return ex.gate_up_proj.dtype == gu.weight.dtype == dn.weight.dtype == x.dtype
 
-    def forward_pair(self, x: torch.Tensor, shared_input: torch.Tensor, route: Any) -> torch.Tensor | PendingSum:
+    def forward_pair(self, x: torch.Tensor, shared_input: torch.Tensor, route: Any) -> torch.Tensor:
         """One token on kernels/moe_pair.py (when `pair_ready`): x [1, H] the norm's output (model dtype),
         `shared_input` x or its FP8 copy with the shared gate-up's input scale, `route` a moe_decode `Routing`
         (expert and x * score, FP8 with the routed input scale `pair_routed_scale()`). Returns shared + routed."""
@@ -301,11 +301,8 @@ class Llama4MoE(nn.Module):
             gs, ds = ex._weight_scales()
             scales = (ex.gate_up_proj_input_scale, gu.input_scale, gs, gu.weight_scale, ex.down_proj_input_scale,
                       dn.input_scale, ds, dn.weight_scale)
-        out = moe_pair_decode(shared_input, route.a, route.ids, ex.gate_up_proj, ex.down_proj, gu.weight,
-                              dn.weight, x, scales)
-        if out.shape[0] == 2:  # the shared and routed outputs unsummed: the next norm adds them
-            return PendingSum(out[1:], lambda: out[:1])
-        return out
+        return moe_pair_decode(shared_input, route.a, route.ids, ex.gate_up_proj, ex.down_proj, gu.weight,
+                               dn.weight, x, scales)
 
     def pair_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(shared, routed) gate-up input scales of the pair path: the FP8 copies' scales, or None (float)."""
