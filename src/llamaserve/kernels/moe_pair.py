@@ -25,14 +25,12 @@ shared expert module; tests/kernels/test_moe_pair.py.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from llamaserve.kernels import launch_from_env
-from llamaserve.kernels.moe_decode import Routing, _route_scale_kernel, decode_config, glu_out, stream_k
+from llamaserve.kernels.moe_decode import Routing, _route_scale_kernel, glu_out
 from llamaserve.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
 GLU_LAUNCH = (4, 1024, 4)  # (BLOCK_N, BLOCK_K, warps): four bands of 4 rows x 1 KB per K step
@@ -125,54 +123,6 @@ def _pair_down_kernel(Hbuf, Ids, Wr, Ws, Out, S2r, S2s, WSr, WSs, N, K, stride_w
     tl.store(Out + rows, y, mask=row_ok)
 
 
-@triton.jit
-def _pair_glu_tc_kernel(AS, AR, Ids, Wr, Ws, Hbuf, Ref, S1r, S1s, WSr, WSs, S2r, S2s, K, INTER, stride_wre,
-                        stride_wrk, stride_wrn, stride_wsk, stride_wsn, stride_h, EVEN: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    """The FP8 glu step on tensor cores: moe_decode's `stream_k` (16-row tiles, row 0 real) over the shared
-    expert's band, then the routed expert's."""
-    rows = tl.arange(0, 16)
-    row_ok = rows < 1
-    n = tl.program_id(0)
-    s2r, s2s = tl.load(S2r), tl.load(S2s)
-    if PDL:
-        gdc_wait()
-    e = tl.load(Ids)
-    acc, acc_u, cols, col_ok = stream_k(AS, 0, Ws, e * 0, 0, stride_wsk, stride_wsn, rows, row_ok, n, INTER, K,
-                                        INTER.to(tl.int64) * stride_wsn, S1s, WSs, True, True, EVEN, "tf32", 16,
-                                        BLOCK_N, BLOCK_K, True)
-    ys = glu_out(acc, acc_u, Ref, S2s, True, s2s)
-    mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(Hbuf + rows[:, None] * 0 + cols[None, :], ys.to(Hbuf.dtype.element_ty), mask=mask)
-    acc, acc_u, cols, col_ok = stream_k(AR, 0, Wr, e, stride_wre, stride_wrk, stride_wrn, rows, row_ok, n, INTER, K,
-                                        INTER.to(tl.int64) * stride_wrn, S1r, WSr, True, True, EVEN, "tf32", 16,
-                                        BLOCK_N, BLOCK_K, True)
-    yr = glu_out(acc, acc_u, Ref, S2r, True, s2r)
-    tl.store(Hbuf + stride_h + rows[:, None] * 0 + cols[None, :], yr.to(Hbuf.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _pair_down_tc_kernel(Hbuf, Ids, Wr, Ws, Out, S2r, S2s, WSr, WSs, N, K, stride_wre, stride_wrk, stride_wrn,
-                         stride_wsk, stride_wsn, stride_h, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False):
-    """The FP8 down step on tensor cores: the shared band, then the routed band, summed in the model dtype."""
-    if TRIGGER:
-        gdc_launch_dependents()
-    rows = tl.arange(0, 16)
-    row_ok = rows < 1
-    n = tl.program_id(0)
-    e = tl.load(Ids)  # see _pair_down_kernel
-    if PDL:
-        gdc_wait()
-    acc_s, _, cols, col_ok = stream_k(Hbuf, 0, Ws, e * 0, 0, stride_wsk, stride_wsn, rows, row_ok, n, N, K, 0, S2s,
-                                      WSs, True, False, EVEN, "tf32", 16, BLOCK_N, BLOCK_K, True)
-    acc_r, _, cols, col_ok = stream_k(Hbuf + stride_h, 0, Wr, e, stride_wre, stride_wrk, stride_wrn, rows, row_ok,
-                                      n, N, K, 0, S2r, WSr, True, False, EVEN, "tf32", 16, BLOCK_N, BLOCK_K, True)
-    dt = Out.dtype.element_ty
-    y = (acc_s.to(dt).to(tl.float32) + acc_r.to(dt).to(tl.float32)).to(dt)
-    tl.store(Out + rows[:, None] * 0 + cols[None, :], y, mask=row_ok[:, None] & col_ok[None, :])
-
-
 def pair_launch(name: str, default: tuple[int, int, int]) -> dict:
     block_n, block_k, warps = launch_from_env(name, default, LAUNCH_FIELDS)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
@@ -206,21 +156,6 @@ def moe_pair_decode(shared_input: torch.Tensor, routed_input: torch.Tensor, ids:
     out = torch.empty((1, h), dtype=ref.dtype, device=ref.device)
     s1r, s1s, wsr, wss, s2r, s2s, wdr, wds = scales if fp8 else (out,) * 8  # unused pointers when float
     pdl = pdl_args(ref.device)
-    if fp8 and os.environ.get("LLAMASERVE_MOE_PAIR_KERNEL", "gemv") == "tc":
-        sgu, sdn = shared_gate_up.t(), shared_down.t()  # [H, 2I] / [I, H] views, K contiguous
-        cfg = decode_config(inter, h, True, 1, 1)
-        even = h % cfg["BLOCK_K"] == 0 and inter % cfg["BLOCK_N"] == 0
-        _pair_glu_tc_kernel[(triton.cdiv(inter, cfg["BLOCK_N"]),)](
-            shared_input, routed_input, ids, gate_up, sgu, hbuf, ref, s1r, s1s, wsr, wss, s2r, s2s, h, inter,
-            gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), sgu.stride(0), sgu.stride(1), hbuf.stride(0),
-            EVEN=even, **cfg, **pdl)
-        cfg = decode_config(h, inter, False, 1, 1)
-        even = inter % cfg["BLOCK_K"] == 0 and h % cfg["BLOCK_N"] == 0
-        _pair_down_tc_kernel[(triton.cdiv(h, cfg["BLOCK_N"]),)](
-            hbuf, ids, down, sdn, out, s2r, s2s, wdr, wds, h, inter, down.stride(0), down.stride(1),
-            down.stride(2), sdn.stride(0), sdn.stride(1), hbuf.stride(0), EVEN=even,
-            TRIGGER=trigger_early(ref.device), **cfg, **pdl)
-        return out
     glu = pair_launch("LLAMASERVE_MOE_PAIR_GLU", GLU_LAUNCH)
     _pair_glu_kernel[(triton.cdiv(inter, glu["BLOCK_N"]),)](
         shared_input, routed_input, ids, gate_up, shared_gate_up, hbuf, ref, s1r, s1s, wsr, wss, s2r, s2s, h,
