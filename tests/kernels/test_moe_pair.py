@@ -50,18 +50,9 @@ def test_float_matches_reference(h, inter, e, launch, device, monkeypatch):
     routed = fused_experts_torch(x, gate_up, down, ids, scores)
     shared = _silu_mul(x @ sgu.t(), inter) @ sdn.t()
     want = (shared + routed).float()
-    got = _pair(x, logits, _nk(gate_up), _nk(down), sgu, sdn).float()
+    got = moe_pair.moe_pair_decode(x, logits, _nk(gate_up), _nk(down), sgu, sdn).float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
-
-
-def _pair(x, logits, gate_up, down, sgu, sdn, scales=None):
-    """The pair kernels on inputs routed and quantized by `route_scale` (the norm + router kernel's job in the
-    model)."""
-    s1r, s1s = (scales[0], scales[1]) if scales is not None else (None, None)
-    route = moe_pair.route_scale(x, logits, s1r)
-    shared_in = quantize_fp8(x, s1s) if s1s is not None else x
-    return moe_pair.moe_pair_decode(shared_in, route.a, route.ids, gate_up, down, sgu, sdn, x, scales)
 
 
 def _fp8_case(h, inter, e, device, seed, dtype):
@@ -92,7 +83,7 @@ def test_fp8_matches_fp8_reference(h, inter, e, device):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     x, logits, (gu8, dn8, sgu8, sdn8), scales = _fp8_case(h, inter, e, device, 7 * e, dtype)
     want = _fp8_reference(x, logits, (gu8, dn8, sgu8, sdn8), scales, inter, dtype).float()
-    got = _pair(x, logits, _nk(gu8), _nk(dn8), sgu8, sdn8, scales).float()
+    got = moe_pair.moe_pair_decode(x, logits, _nk(gu8), _nk(dn8), sgu8, sdn8, scales).float()
     assert got.shape == (1, h)
     assert (got - want).norm() / want.norm() < (1e-3 if dtype == torch.float32 else 2e-2)
 
@@ -105,49 +96,20 @@ def test_routing_ties_go_to_the_first_expert(device):
     ids, scores = _route(logits, dtype)
     assert ids.item() == 1
     want = (_silu_mul(x @ sgu.t(), 32) @ sdn.t() + fused_experts_torch(x, gate_up, down, ids, scores)).float()
-    got = _pair(x, logits, _nk(gate_up), _nk(down), sgu, sdn).float()
+    got = moe_pair.moe_pair_decode(x, logits, _nk(gate_up), _nk(down), sgu, sdn).float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
     logits[0, 1] -= 1  # now expert 3 alone is largest: a different result
-    assert not torch.allclose(_pair(x, logits, _nk(gate_up), _nk(down), sgu, sdn).float(), got)
+    assert not torch.allclose(moe_pair.moe_pair_decode(x, logits, _nk(gate_up), _nk(down), sgu, sdn).float(), got)
 
 
 def test_bad_arguments_and_launch_names(device, monkeypatch):
     x, logits, gate_up, down, sgu, sdn = _weights(64, 32, 4, device, 1, torch.float32)
-    x2 = x.repeat(2, 1)
     with pytest.raises(ValueError, match="one token"):
-        moe_pair.moe_pair_decode(x2, x2, torch.zeros(2, dtype=torch.int64), _nk(gate_up), _nk(down), sgu, sdn, x2)
+        moe_pair.moe_pair_decode(x.repeat(2, 1), logits.repeat(2, 1), _nk(gate_up), _nk(down), sgu, sdn)
     monkeypatch.setenv("LLAMASERVE_MOE_PAIR_DOWN", "8x1024")
     with pytest.raises(ValueError, match="LLAMASERVE_MOE_PAIR_DOWN=.*BLOCK_NxBLOCK_KxWARPS"):
-        _pair(x, logits, _nk(gate_up), _nk(down), sgu, sdn)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_norm_router_routes_like_the_routing_kernel(fp8, device):
-    """norm_router(route=...): its last program per token writes the routing kernel's expert and x * score (FP8:
-    the same bytes), beside the unchanged norm, logits and FP8 copy; the arrival counter is left at zero."""
-    from llamaserve.kernels import moe_decode
-
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    gen = torch.Generator().manual_seed(11)
-    x, res = (torch.randn(1, 320, generator=gen).to(device, dtype) for _ in range(2))
-    nw = (1 + 0.1 * torch.randn(320, generator=gen)).to(device, dtype)
-    rw = (torch.randn(16, 320, generator=gen) * 0.05).to(device, dtype)
-    s_routed = torch.tensor(0.011, device=device) if fp8 else None
-    s_copy = torch.tensor(0.013, device=device) if fp8 else None
-    want = moe_decode.norm_router(x, res, nw, 1e-5, rw, s_copy)
-    route = moe_decode.routing_buffers(x, s_routed)
-    got = moe_decode.norm_router(x, res, nw, 1e-5, rw, s_copy, route)
-    for a, b in zip(got, want):
-        if a is not None:
-            assert torch.equal(a.view(torch.uint8) if fp8 and a.dtype != dtype else a,
-                               b.view(torch.uint8) if fp8 and b.dtype != dtype else b)
-    ref = moe_pair.route_scale(got[0], got[2], s_routed)
-    assert route.ids.item() == ref.ids.item() == got[2].float().argmax().item()
-    assert torch.equal(route.a.view(torch.uint8), ref.a.view(torch.uint8)) if fp8 else torch.equal(route.a, ref.a)
-    assert int(route.counter.abs().sum()) == 0
-    with pytest.raises(ValueError, match="route needs routing_buffers"):
-        moe_decode.norm_router(x, res, nw, 1e-5, rw, s_copy, moe_decode.routing_buffers(x.repeat(2, 1), s_routed))
+        moe_pair.moe_pair_decode(x, logits, _nk(gate_up), _nk(down), sgu, sdn)
 
 
 def _fp8_module(device, dtype):
@@ -165,48 +127,50 @@ def _fp8_module(device, dtype):
         ex = moe.experts
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(ex, name)
-            v = (torch.randn(w.shape, generator=gen) * w.shape[1] ** -0.5).to(device)
+            v = torch.randn(w.shape, generator=gen) * w.shape[1] ** -0.5
             getattr(ex, f"{name}_weight_scale").fill_(v.abs().max().item() / 448)
-            w.copy_(quantize_fp8(v, getattr(ex, f"{name}_weight_scale")))
+            w.copy_(quantize_fp8(v, getattr(ex, f"{name}_weight_scale")).to(device))
         ex.gate_up_proj_input_scale.fill_(0.01)
         ex.down_proj_input_scale.fill_(0.003)
         for lin in (moe.shared_expert.gate_up_proj, moe.shared_expert.down_proj):
-            v = (torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5).to(device)
+            v = torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5
             lin.weight_scale.fill_(v.abs().max().item() / 448)
-            lin.weight.copy_(quantize_fp8(v, lin.weight_scale[0]))
+            lin.weight.copy_(quantize_fp8(v.to(device), lin.weight_scale[0]))
             lin.input_scale.fill_(0.012)
             lin.finalize()
     return moe
 
 
-def test_module_pair_path_agrees_with_the_two_chains(device, monkeypatch):
-    """Llama4MoE.forward_pair (the norm's routing, then the pair kernels) agrees with the two-stream decode path
-    (`forward`); `pair_ready` is off with LLAMASERVE_MOE_PAIR=0, while calibrating and for a dynamic shared down
-    input."""
-    from llamaserve.kernels import moe_decode
+def test_module_one_token_takes_the_pair_path_and_agrees(device, monkeypatch):
+    """Llama4MoE at one token runs the pair kernels (a plain tensor, not the two chains' PendingSum) and agrees
+    with the two-stream decode path (LLAMASERVE_MOE_PAIR=0); two tokens, calibration and the switch keep the old
+    path."""
     from llamaserve.layers.moe import PendingSum
+    from llamaserve.layers.quantization import quantize_fp8 as q
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     moe = _fp8_module(device, dtype)
-    gen = torch.Generator().manual_seed(5)
-    h, res = (torch.randn(1, 256, generator=gen).to(device, dtype) for _ in range(2))
-    nw = torch.ones(256, device=device, dtype=dtype)
-    assert moe.pair_ready(h)
-    shared_scale, routed_scale = moe.pair_scales()
-    route = moe_decode.routing_buffers(h, routed_scale)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    x8 = q(x, moe.shared_expert.gate_up_proj.input_scale)
+    assert moe.pair_ready(x)
+    calls = []
+    real = moe_pair.moe_pair_decode
+    monkeypatch.setattr(moe_pair, "moe_pair_decode", lambda *a: calls.append(a) or real(*a))
     with torch.no_grad():
-        x, x8, logits, _ = moe_decode.norm_router(h, res, nw, 1e-5, moe.router.weight, shared_scale, route)
-        got = moe.forward_pair(x, x8, route)
-        old = moe(x, shared_input=x8, defer_shared=True, logits=logits)
+        got = moe(x, shared_input=x8, defer_shared=True)
+        assert isinstance(got, torch.Tensor) and got.shape == (1, 256) and len(calls) == 1
+        moe(x.repeat(2, 1), shared_input=x8.repeat(2, 1), defer_shared=True)  # two tokens: the old path
+        assert len(calls) == 1
+        monkeypatch.setenv("LLAMASERVE_MOE_PAIR", "0")
+        assert not moe.pair_ready(x)
+        old = moe(x, shared_input=x8, defer_shared=True)
+        assert len(calls) == 1
         want = (old.resolve() if isinstance(old, PendingSum) else old).float()
-    assert got.shape == (1, 256)
     assert (got.float() - want).norm() / want.norm() < (1e-3 if dtype == torch.float32 else 2e-2)
-    monkeypatch.setenv("LLAMASERVE_MOE_PAIR", "0")
-    assert not moe.pair_ready(h)
     monkeypatch.delenv("LLAMASERVE_MOE_PAIR")
     assert moe.experts.begin_calibration()
-    assert not moe.pair_ready(h)
+    assert not moe.pair_ready(x)
     moe.experts.end_calibration()
-    assert moe.pair_ready(h)
+    assert moe.pair_ready(x)
     moe.shared_expert.down_proj.input_scale = None  # a dynamic shared down input: not this path
-    assert not moe.pair_ready(h)
+    assert not moe.pair_ready(x)

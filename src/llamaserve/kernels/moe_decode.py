@@ -27,13 +27,11 @@ layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as ker
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from llamaserve.device_utils import arrival_counters
 from llamaserve.kernels import launch_from_env
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
@@ -186,17 +184,12 @@ def _router_kernel(X, W, Y, stride_x, stride_w, stride_y, H, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, Counter, Ids, A, SA, stride_x, stride_r, stride_rw,
-                        stride_y, stride_y8, stride_l, stride_rn, stride_a, H, eps, HAS_COPY: tl.constexpr,
-                        BLOCK: tl.constexpr, ROUTE: tl.constexpr = False, QUANT_A: tl.constexpr = False,
-                        BLOCK_E: tl.constexpr = 16, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-                        TRIGGER: tl.constexpr = False):
+def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, stride_x, stride_r, stride_rw, stride_y, stride_y8,
+                        stride_l, stride_rn, H, eps, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False, EARLY: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     """Program (t, e): y = RMSNorm(x + residual) of token t (kernels/norm_act.py's arithmetic) and the router's
     logit y . W_e (float32 sum rounded to the logits' dtype, as `_router_kernel`). Program (t, 0) also writes
-    x + residual to RNew (a new buffer: R is read by every program), y, and y in FP8 with S8 (HAS_COPY).
-    ROUTE: the last of token t's programs to store its logit (an arrival counter) routes the token as
-    `_route_scale_kernel` does and writes its expert to Ids and y * score (rounded to y's dtype; QUANT_A: then
-    to FP8 values with SA) to A."""
+    x + residual to RNew (a new buffer: R is read by every program), y, and y in FP8 with S8 (HAS_COPY)."""
     if TRIGGER:  # the routing kernel after it (a PDL launch) may start beside it (pdl.trigger_early)
         gdc_launch_dependents()
     t = tl.program_id(0)
@@ -216,22 +209,6 @@ def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, Counter, Ids, A, 
     y = rms_normalize(x, NW, cols, mask, H, eps, nw)
     logit = tl.sum(y.to(tl.float32) * w.to(tl.float32), axis=0)
     tl.store(Logits + t * stride_l + e, logit.to(Logits.dtype.element_ty))
-    if ROUTE:
-        sa = tl.load(SA) if QUANT_A else 1.0
-        tl.debug_barrier()  # the logit's store precedes the release below
-        if tl.atomic_add(Counter + t, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
-            tl.store(Counter + t, 0)  # reset for the next launch (stream order: no launch is in flight)
-            ee = tl.arange(0, BLOCK_E)
-            lg = tl.load(Logits + t * stride_l + ee, mask=ee < tl.num_programs(1), other=float("-inf"),
-                         cache_modifier=".cg").to(tl.float32)
-            best = tl.max(lg, axis=0)
-            idx = tl.min(tl.where(lg == best, ee, BLOCK_E), axis=0)
-            score = tl.sigmoid(best).to(Logits.dtype.element_ty).to(tl.float32)
-            a = (y.to(tl.float32) * score).to(Y.dtype.element_ty)
-            if QUANT_A:
-                a = round_e4m3(a.to(tl.float32) / sa)
-            tl.store(A + t * stride_a + cols, a.to(A.dtype.element_ty), mask=mask)
-            tl.store(Ids + t, idx.to(Ids.dtype.element_ty))
     if e == 0:
         tl.store(RNew + t * stride_rn + cols, x, mask=mask)
         tl.store(Y + t * stride_y + cols, y, mask=mask)
@@ -240,22 +217,16 @@ def _norm_router_kernel(X, R, NW, RW, Y, Y8, S8, Logits, RNew, Counter, Ids, A, 
 
 
 def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                router_weight: torch.Tensor, fp8_copy: torch.Tensor | None, route: Routing | None = None
+                router_weight: torch.Tensor, fp8_copy: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """A decode step's post-attention RMSNorm (with the residual add) and the router's logits in one launch:
     returns (y = norm(x + residual), y in FP8 with `fp8_copy` or None, logits [T, E] in x's dtype, x + residual
     as a new tensor). Each of the E programs of a token normalizes the row itself (a few KB from L2) instead of
     waiting for a norm kernel; the routing stays in `_route_scale_kernel`, after the shared expert's fork (routing
     there staggers the two gate-up streams, which measured faster than starting both at once). Llama 4 at decode
-    size (models/llama4.py); the same results as `rms_norm` then `router_logits` up to summation order.
-    `route` (a `Routing` from `routing_buffers`): the last program of each token to finish also routes it (top-1),
-    writing route.ids and route.a (y * score, FP8 with route.scale when given), which `_route_scale_kernel` would
-    (kernels/moe_pair.py reads them)."""
+    size (models/llama4.py); the same results as `rms_norm` then `router_logits` up to summation order."""
     t, h = x.shape
     num_experts = router_weight.shape[0]
-    if route is not None and (route.counter is None or route.a.shape != (t, h) or num_experts > 16):
-        raise ValueError("norm_router: route needs routing_buffers(x, scale) made outside CUDA-graph capture or "
-                         "after a warm-up run, and at most 16 experts")
     y = torch.empty_like(x)
     y8 = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device) if fp8_copy is not None else None
     logits = torch.empty((t, num_experts), dtype=x.dtype, device=x.device)
@@ -264,36 +235,11 @@ def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tens
         block = triton.next_power_of_2(h)
         _norm_router_kernel[(t, num_experts)](
             x, residual, norm_weight, router_weight, y, y8 if y8 is not None else y,
-            fp8_copy if fp8_copy is not None else norm_weight, logits, new_residual,
-            route.counter if route is not None else logits, route.ids if route is not None else logits,
-            route.a if route is not None else y, route.scale if route is not None and route.scale is not None else y,
-            x.stride(0), residual.stride(0), router_weight.stride(0), y.stride(0),
-            y8.stride(0) if y8 is not None else 0, logits.stride(0),
-            new_residual.stride(0), route.a.stride(0) if route is not None else 0, h, eps,
-            HAS_COPY=fp8_copy is not None, BLOCK=block, ROUTE=route is not None,
-            QUANT_A=route is not None and route.scale is not None, num_warps=norm_warps(block), EARLY=early_loads(),
-            TRIGGER=trigger_early(x.device), **pdl_args(x.device))
+            fp8_copy if fp8_copy is not None else norm_weight, logits, new_residual, x.stride(0), residual.stride(0),
+            router_weight.stride(0), y.stride(0), y8.stride(0) if y8 is not None else 0, logits.stride(0),
+            new_residual.stride(0), h, eps, HAS_COPY=fp8_copy is not None, BLOCK=block, num_warps=norm_warps(block),
+            EARLY=early_loads(), TRIGGER=trigger_early(x.device), **pdl_args(x.device))
     return y, y8, logits, new_residual
-
-
-@dataclass
-class Routing:
-    """Where `norm_router(route=...)` writes each token's top-1 expert (`ids` [T] int64) and its scaled input
-    (`a` [T, H]: FP8 values with the static input `scale`, or x's dtype when `scale` is None); `counter`: the
-    arrival counters (device_utils.arrival_counters, left zeroed by the kernel), None while capturing a CUDA graph
-    without them."""
-
-    ids: torch.Tensor
-    a: torch.Tensor
-    scale: torch.Tensor | None
-    counter: torch.Tensor | None
-
-
-def routing_buffers(x: torch.Tensor, scale: torch.Tensor | None) -> Routing:
-    t, h = x.shape
-    a = torch.empty((t, h), dtype=torch.float8_e4m3fn if scale is not None else x.dtype, device=x.device)
-    ids = torch.empty(t, dtype=torch.int64, device=x.device)
-    return Routing(ids, a, scale, arrival_counters(x.device, "norm_router", t))
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -245,6 +245,8 @@ class Llama4MoE(nn.Module):
             from llamaserve.kernels import moe_decode
 
             logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
+        if decode and x.shape[0] == 1 and self.pair_ready(x):
+            return self._pair(x, logits)
         if side is None:
             shared = self._shared(sx, x, decode)
             return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
@@ -271,9 +273,8 @@ class Llama4MoE(nn.Module):
         return self.experts.forward_logits(x, logits, self.top_k, shared=join)
 
     def pair_ready(self, x: torch.Tensor) -> bool:
-        """Whether a one-token step runs kernels/moe_pair.py (both experts in each of two launches, one stream,
-        after models/llama4.py's norm + router kernel routed the token; LLAMASERVE_MOE_PAIR=0: the two-stream
-        path, which `forward` runs): routed experts FP8 with static input scales and a shared
+        """Whether a one-token step runs kernels/moe_pair.py (both experts in each of two launches, one stream;
+        LLAMASERVE_MOE_PAIR=0: the two-stream path): routed experts FP8 with static input scales and a shared
         expert FP8 with static input scales, or all weights in x's dtype; no bias; one GPU (tensor parallel
         keeps the two-stream path, whose shared down projection all-reduces); not while calibrating."""
         if os.environ.get("LLAMASERVE_MOE_PAIR", "1") == "0" or not isinstance(self.experts, FusedExperts):
@@ -289,10 +290,7 @@ class Llama4MoE(nn.Module):
                     and gu.weight.dtype == dn.weight.dtype == FP8)
         return ex.gate_up_proj.dtype == gu.weight.dtype == dn.weight.dtype == x.dtype
 
-    def forward_pair(self, x: torch.Tensor, shared_input: torch.Tensor, route: Any) -> torch.Tensor:
-        """One token on kernels/moe_pair.py (when `pair_ready`): x [1, H] the norm's output (model dtype),
-        `shared_input` x or its FP8 copy with the shared gate-up's input scale, `route` a moe_decode `Routing`
-        (expert and x * score, FP8 with the routed input scale `pair_routed_scale()`). Returns shared + routed."""
+    def _pair(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         from llamaserve.kernels.moe_pair import moe_pair_decode
 
         ex, gu, dn = self.experts, self.shared_expert.gate_up_proj, self.shared_expert.down_proj
@@ -301,14 +299,7 @@ class Llama4MoE(nn.Module):
             gs, ds = ex._weight_scales()
             scales = (ex.gate_up_proj_input_scale, gu.input_scale, gs, gu.weight_scale, ex.down_proj_input_scale,
                       dn.input_scale, ds, dn.weight_scale)
-        return moe_pair_decode(shared_input, route.a, route.ids, ex.gate_up_proj, ex.down_proj, gu.weight,
-                               dn.weight, x, scales)
-
-    def pair_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(shared, routed) gate-up input scales of the pair path: the FP8 copies' scales, or None (float)."""
-        if not self.experts.fp8:
-            return None, None
-        return self.shared_expert.gate_up_proj.static_input_scale, self.experts.gate_up_proj_input_scale
+        return moe_pair_decode(x, logits, ex.gate_up_proj, ex.down_proj, gu.weight, dn.weight, scales)
 
     def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """The shared expert; at decode size with a pre-quantized FP8 input its gate-up and SiLU run as one

@@ -141,16 +141,12 @@ class Llama4DecoderLayer(nn.Module):
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
             norm = self.post_attention_layernorm
             if norm.backend == "triton" and ff.decode_sized(x) and os.environ.get("LLAMASERVE_NORM_ROUTER", "1") != "0":
-                # decode: the norm and the router's logits in one kernel
-                from llamaserve.kernels.moe_decode import norm_router, routing_buffers
+                # decode: the norm and the router's logits in one kernel (one token on the pair kernels, which
+                # quantize the shared expert's input themselves: no FP8 copy)
+                from llamaserve.kernels.moe_decode import norm_router
 
-                if x.shape[0] == 1 and ff.pair_ready(x):  # one token: the norm routes it too, then the pair MoE
-                    shared_scale, routed_scale = ff.pair_scales()
-                    route = routing_buffers(x, routed_scale)
-                    if route.counter is not None:
-                        x, x8, _, residual = norm_router(x, residual, norm.weight, norm.eps, ff.router.weight,
-                                                         shared_scale, route)
-                        return ff.forward_pair(x, x8 if x8 is not None else x, route), residual
+                if x.shape[0] == 1 and ff.pair_ready(x):
+                    shared_scale = None
                 x, x8, logits, residual = norm_router(x, residual, norm.weight, norm.eps, ff.router.weight,
                                                       shared_scale)
                 return ff(x, shared_input=x8, defer_shared=True, logits=logits), residual
