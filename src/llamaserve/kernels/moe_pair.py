@@ -10,9 +10,9 @@ both experts share each launch instead:
    sigmoid of it rounded to the logits' dtype), builds both inputs from x slice by slice (routed: x * score
    rounded to x's dtype; FP8: each quantized with its static input scale, as `_route_scale_kernel` and the norm's
    FP8 copy round them), and writes silu(gate) * up of both experts (FP8 with each down projection's static input
-   scale, or the model dtype) to a [2, I] buffer (row 0 shared, row 1 routed).
+   scale, or the model dtype) to a [2, INTER] buffer (row 0 shared, row 1 routed).
 2. `_pair_down_kernel`: program n owns output columns [n * BLOCK_N, +BLOCK_N) and streams both down matrices'
-   rows (K = I each) in one loop; the epilogue rounds each expert's output to the model dtype and adds them
+   rows (K = INTER each) in one loop; the epilogue rounds each expert's output to the model dtype and adds them
    (`shared + routed` in the model dtype, as the reference and transformers do).
 
 Plain loads and float32 products (a one-row GEMV, no tensor cores, as kernels/gemv.py). The glu kernel is a PDL
@@ -147,9 +147,9 @@ def moe_pair_decode(x: torch.Tensor, logits: torch.Tensor, gate_up: torch.Tensor
                     shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
                     scales: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """One token's Llama 4 MoE output, shared expert included: x [1, H] (the post-attention norm's output, model
-    dtype), logits [1, E] (the router's, x's dtype), routed `gate_up` [E, H, 2I] / `down` [E, I, H] in the
+    dtype), logits [1, E] (the router's, x's dtype), routed `gate_up` [E, H, 2I] / `down` [E, INTER, H] in the
     model's K-contiguous layout (layers/moe.py FusedExperts), the shared expert's `shared_gate_up` [2I, H] (gate
-    rows first) and `shared_down` [H, I] (nn.Linear layout). FP8 weights take `scales` = (routed gate-up input,
+    rows first) and `shared_down` [H, INTER] (nn.Linear layout). FP8 weights take `scales` = (routed gate-up input,
     shared gate-up input, routed gate-up weight [E], shared gate-up weight, routed down input, shared down input,
     routed down weight [E], shared down weight), every input scale static (float32 scalars). Returns [1, H] in
     x's dtype: shared + routed."""
