@@ -10,9 +10,9 @@ both experts share each launch instead:
    sigmoid of it rounded to the logits' dtype), builds both inputs from x slice by slice (routed: x * score
    rounded to x's dtype; FP8: each quantized with its static input scale, as `_route_scale_kernel` and the norm's
    FP8 copy round them), and writes silu(gate) * up of both experts (FP8 with each down projection's static input
-   scale, or the model dtype) to a [2, INTER] buffer (row 0 shared, row 1 routed).
+   scale, or the model dtype) to a [2, I] buffer (row 0 shared, row 1 routed).
 2. `_pair_down_kernel`: program n owns output columns [n * BLOCK_N, +BLOCK_N) and streams both down matrices'
-   rows (K = INTER each) in one loop; the epilogue rounds each expert's output to the model dtype and adds them
+   rows (K = I each) in one loop; the epilogue rounds each expert's output to the model dtype and adds them
    (`shared + routed` in the model dtype, as the reference and transformers do).
 
 Plain loads and float32 products (a one-row GEMV, no tensor cores, as kernels/gemv.py). The glu kernel is a PDL
@@ -50,23 +50,23 @@ def _route(Logits, E: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _pair_glu_kernel(X, Logits, Wr, Ws, Hbuf, S1r, S1s, WSr, WSs, S2r, S2s, K, INTER, stride_wre, stride_wrn,
+def _pair_glu_kernel(X, Logits, Wr, Ws, Hbuf, S1r, S1s, WSr, WSs, S2r, S2s, K, I, stride_wre, stride_wrn,
                      stride_wsn, stride_h, E: tl.constexpr, BLOCK_E: tl.constexpr, FP8: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < INTER
+    row_ok = rows < I
     kk = tl.arange(0, BLOCK_K)
     if FP8:  # scales (no earlier kernel writes them): before the wait
         s1r, s1s = tl.load(S1r), tl.load(S1s)
         s2r, s2s = tl.load(S2r), tl.load(S2s)
         wss = tl.load(WSs)
     ws_ptrs = Ws + rows[:, None].to(tl.int64) * stride_wsn + kk[None, :]
-    up_s = INTER.to(tl.int64) * stride_wsn
+    up_s = I.to(tl.int64) * stride_wsn
     if PDL:  # the logits and x are the norm + router kernel's outputs
         gdc_wait()
     e, score = _route(Logits, E, BLOCK_E)
     wr_ptrs = Wr + e.to(tl.int64) * stride_wre + rows[:, None].to(tl.int64) * stride_wrn + kk[None, :]
-    up_r = INTER.to(tl.int64) * stride_wrn
+    up_r = I.to(tl.int64) * stride_wrn
     acc_gs = tl.zeros([BLOCK_N], tl.float32)
     acc_us = tl.zeros([BLOCK_N], tl.float32)
     acc_gr = tl.zeros([BLOCK_N], tl.float32)
@@ -147,9 +147,9 @@ def moe_pair_decode(x: torch.Tensor, logits: torch.Tensor, gate_up: torch.Tensor
                     shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
                     scales: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """One token's Llama 4 MoE output, shared expert included: x [1, H] (the post-attention norm's output, model
-    dtype), logits [1, E] (the router's, x's dtype), routed `gate_up` [E, H, 2I] / `down` [E, INTER, H] in the
+    dtype), logits [1, E] (the router's, x's dtype), routed `gate_up` [E, H, 2I] / `down` [E, I, H] in the
     model's K-contiguous layout (layers/moe.py FusedExperts), the shared expert's `shared_gate_up` [2I, H] (gate
-    rows first) and `shared_down` [H, INTER] (nn.Linear layout). FP8 weights take `scales` = (routed gate-up input,
+    rows first) and `shared_down` [H, I] (nn.Linear layout). FP8 weights take `scales` = (routed gate-up input,
     shared gate-up input, routed gate-up weight [E], shared gate-up weight, routed down input, shared down input,
     routed down weight [E], shared down weight), every input scale static (float32 scalars). Returns [1, H] in
     x's dtype: shared + routed."""
