@@ -245,8 +245,6 @@ class Llama4MoE(nn.Module):
             from llamaserve.kernels import moe_decode
 
             logits = moe_decode.router_logits(x, self.router.weight) if decode else self.router(x)  # [T, E]
-        if decode and x.shape[0] == 1 and self.pair_ready(x):
-            return self._pair(x, logits)
         if side is None:
             shared = self._shared(sx, x, decode)
             return self.experts.forward_logits(x, logits, self.top_k, shared=shared)
@@ -271,35 +269,6 @@ class Llama4MoE(nn.Module):
             return PendingSum(routed if routed is not None else self.experts.forward_logits(x, logits, self.top_k),
                               join)
         return self.experts.forward_logits(x, logits, self.top_k, shared=join)
-
-    def pair_ready(self, x: torch.Tensor) -> bool:
-        """Whether a one-token step runs kernels/moe_pair.py (both experts in each of two launches, one stream;
-        LLAMASERVE_MOE_PAIR=0: the two-stream path): routed experts FP8 with static input scales and a shared
-        expert FP8 with static input scales, or all weights in x's dtype; no bias; one GPU (tensor parallel
-        keeps the two-stream path, whose shared down projection all-reduces); not while calibrating."""
-        if os.environ.get("LLAMASERVE_MOE_PAIR", "1") == "0" or not isinstance(self.experts, FusedExperts):
-            return False
-        from llamaserve.layers.linear import _tp
-
-        ex, gu, dn = self.experts, self.shared_expert.gate_up_proj, self.shared_expert.down_proj
-        if ex._calib is not None or _tp()[1] != 1 or gu.bias is not None or dn.bias is not None:
-            return False
-        if ex.fp8:
-            return (ex.gate_up_proj_input_scale is not None and ex.down_proj_input_scale is not None
-                    and gu.static_input_scale is not None and dn.static_input_scale is not None
-                    and gu.weight.dtype == dn.weight.dtype == FP8)
-        return ex.gate_up_proj.dtype == gu.weight.dtype == dn.weight.dtype == x.dtype
-
-    def _pair(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        from llamaserve.kernels.moe_pair import moe_pair_decode
-
-        ex, gu, dn = self.experts, self.shared_expert.gate_up_proj, self.shared_expert.down_proj
-        scales = None
-        if ex.fp8:
-            gs, ds = ex._weight_scales()
-            scales = (ex.gate_up_proj_input_scale, gu.input_scale, gs, gu.weight_scale, ex.down_proj_input_scale,
-                      dn.input_scale, ds, dn.weight_scale)
-        return moe_pair_decode(x, logits, ex.gate_up_proj, ex.down_proj, gu.weight, dn.weight, scales)
 
     def _shared(self, sx: torch.Tensor, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """The shared expert; at decode size with a pre-quantized FP8 input its gate-up and SiLU run as one

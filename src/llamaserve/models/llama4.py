@@ -141,12 +141,9 @@ class Llama4DecoderLayer(nn.Module):
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
             norm = self.post_attention_layernorm
             if norm.backend == "triton" and ff.decode_sized(x) and os.environ.get("LLAMASERVE_NORM_ROUTER", "1") != "0":
-                # decode: the norm and the router's logits in one kernel (one token on the pair kernels, which
-                # quantize the shared expert's input themselves: no FP8 copy)
+                # decode: the norm and the router's logits in one kernel
                 from llamaserve.kernels.moe_decode import norm_router
 
-                if x.shape[0] == 1 and ff.pair_ready(x):
-                    shared_scale = None
                 x, x8, logits, residual = norm_router(x, residual, norm.weight, norm.eps, ff.router.weight,
                                                       shared_scale)
                 return ff(x, shared_input=x8, defer_shared=True, logits=logits), residual
