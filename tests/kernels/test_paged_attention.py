@@ -221,3 +221,42 @@ def test_early_loads_same_bytes(local, num_splits, device, monkeypatch):
                                     d**-0.5, 0.05, 0.08, num_splits=num_splits, out_scale=out_scale, **local))
     assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8))
     assert outs[0].float().abs().sum() > 0
+
+
+@pytest.mark.parametrize("local", [{}, {"chunk_size": 64}])
+@pytest.mark.parametrize("fused_rope", [False, True])
+def test_first_tile_preload_same_bytes(local, fused_rope, device, monkeypatch):
+    """Split FP8 decode loads its first key tile before the PDL wait when every key in it is older than the
+    step's own (LLAMASERVE_ATTN_PRELOAD, the default): the same output and cache bytes as loading it in the key
+    loop, for splits whose first tile holds the new key (short contexts) and splits whose does not (130-250
+    keys), with the RoPE and KV write inside the kernel or before it, global and chunked attention."""
+    from llamaserve.kernels import paged_attention as pa
+    from llamaserve.kernels.paged_attention import RopeInputs
+    from llamaserve.layers.rotary import RotaryEmbedding
+
+    hq, hkv, d, bs = 4, 2, 32, 16
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    ctx = [130, 5, 250, 64, 193]
+    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 2
+    batch = _batch(ctx, [1] * len(ctx), bs, num_blocks, device, gen)
+    cache = (torch.randn(2, num_blocks * bs, hkv, d, generator=gen) * 3).to(device, dtype).to(torch.float8_e4m3fn)
+    qkv = torch.randn(len(ctx), (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
+    rot = RotaryEmbedding(d, 512, 10000.0, {}).to(device)
+    rope = RopeInputs(batch.positions, batch.slot_mapping, rot.cos_cache, rot.sin_cache)
+    q = qkv[:, : hq * d].reshape(len(ctx), hq, d).contiguous()
+    seen = []
+    real = pa._paged_attn_kernel
+    monkeypatch.setattr(pa, "_paged_attn_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: seen.append(kw.get("PRELOAD")) or real[grid](*a, **kw))})())
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLAMASERVE_ATTN_PRELOAD", flag)
+        c = cache.clone()
+        out = paged_attention(qkv if fused_rope else q, c, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                              [1] * len(ctx), bs, d**-0.5, 0.05, 0.08, num_splits=4,
+                              **({"rope": rope} if fused_rope else {}), **local)
+        outs.append((out.float(), c.view(torch.uint8)))
+    assert seen == [True, False]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][0].abs().sum() > 0
