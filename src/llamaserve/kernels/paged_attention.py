@@ -45,11 +45,9 @@ from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperatur
 def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_head, d, d_ok, stride_kslot,
                 stride_kh,
                 qk_scale, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
-                PREC: tl.constexpr, MASKED: tl.constexpr, blk_lo=None, at_lo=False, k_pre=None, v_pre=None,
-                pre_ok=False):
+                PREC: tl.constexpr, MASKED: tl.constexpr, blk_lo=None, at_lo=False):
     """One BLOCK_N tile of keys/values into the online softmax (base 2). MASKED: causal and bounds masks.
-    `blk_lo`: the block-table entries of the program's first tile, loaded earlier; used when `at_lo`. `k_pre` /
-    `v_pre`: that tile's keys and values, loaded before the PDL wait; used when `at_lo` and `pre_ok`."""
+    `blk_lo`: the block-table entries of the program's first tile, loaded earlier; used when `at_lo`."""
     pos = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         pos_ok = pos < hi
@@ -65,15 +63,8 @@ def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_h
         kv_mask = pos_ok[:, None] & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    if k_pre is not None:
-        if at_lo & pre_ok:
-            k, v = k_pre, v_pre
-        else:
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    else:
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     if FP8:  # q is fp16 here; k_scale is folded into qk_scale and v_scale into the output
         k = k.to(tl.float16)
         v = v.to(tl.float16)
@@ -103,7 +94,6 @@ def _paged_attn_kernel(
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
     NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-    PRELOAD: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -145,15 +135,6 @@ def _paged_attn_kernel(
             out_s = tl.load(OutScale)
         pos_lo = lo + tl.arange(0, BLOCK_N)
         blk_lo = tl.load(block_tables + req * stride_bt + pos_lo // PAGE, mask=pos_lo < hi, other=0)
-    k_pre, v_pre, pre_ok = None, None, False
-    if PRELOAD and EARLY:  # the first tile's keys and values too, when all are older than this step's own keys
-        # (written by earlier steps; the step's keys are written below by the split that holds them)
-        pre_ok = lo + BLOCK_N <= ctx - q_len
-        pre_off = (blk_lo.to(tl.int64) * PAGE + pos_lo % PAGE)[:, None] * stride_kslot + kv_head * stride_kh \
-            + d[None, :]
-        pre_mask = ((pos_lo < hi) & (pos_lo * 0 + lo + BLOCK_N <= ctx - q_len))[:, None] & d_ok[None, :]
-        k_pre = tl.load(K + pre_off, mask=pre_mask, other=0.0)
-        v_pre = tl.load(V + pre_off, mask=pre_mask, other=0.0)
 
     if FUSED_ROPE:  # decode: Q is the QKV projection's output; q rotated here as kernels/rope_kv.py does
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -203,11 +184,11 @@ def _paged_attn_kernel(
     for n0 in range(lo, full, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
                                     row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
-                                    BLOCK_N, PAGE, FP8, PREC, False, blk_lo, n0 == lo, k_pre, v_pre, pre_ok)
+                                    BLOCK_N, PAGE, FP8, PREC, False, blk_lo, n0 == lo)
     for n0 in range(full, hi, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
                                     row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
-                                    BLOCK_N, PAGE, FP8, PREC, True, blk_lo, n0 == lo, k_pre, v_pre, pre_ok)
+                                    BLOCK_N, PAGE, FP8, PREC, True, blk_lo, n0 == lo)
     if FP8:
         acc = acc * v_scale
     if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
@@ -406,11 +387,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     # in the kernel (batch 1 of Llama 4 Scout, benchmarks/decode_bench.py: 64-key tiles, 8 warps: 7.4 / 8.7 us at
     # 256 / 2,048 tokens against 11.2 / 15.3 with 1 warp and the combine kernel); prefill: 128 x 128 tiles,
     # 8 warps, 3 stages
-    preload = False
     if decode and fp8 and counters is not None:
         block_n, warps, stages = 64, 8, 3
-        # the first key tile's keys and values loaded before the PDL wait (LLAMASERVE_ATTN_PRELOAD=0: after it)
-        preload = os.environ.get("LLAMASERVE_ATTN_PRELOAD", "1") != "0"
     elif decode:
         block_n, warps, stages = (32, 1, 3) if fp8 else (64, 4, 2)
     else:
@@ -440,7 +418,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
-        SPARSE_MERGE=sparse, EARLY=early_loads(), PRELOAD=preload, **pdl_args(q.device),
+        SPARSE_MERGE=sparse, EARLY=early_loads(), **pdl_args(q.device),
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )
