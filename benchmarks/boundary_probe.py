@@ -28,27 +28,10 @@ import sys
 import torch
 import triton
 import triton.language as tl
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
+from hbm_read_probe import _read_kernel, gdc_wait  # benchmarks/ (this script's folder) is on sys.path
 
 SEGMENTS_MB = (37.2, 26.2, 167.8, 83.9)  # Scout FP8 at one token: qkv, o, routed + shared gate-up, both downs
 BLOCK, STEPS = 2048, 8  # float32 elements per load and loads per chunk: 64 KB per chunk
-
-
-@triton.jit
-def _read_kernel(X, Out, n, BLOCK: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    base = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
-    acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(STEPS):
-        offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(X + offs, mask=offs < n, other=0.0)
-    tl.store(Out + tl.program_id(0), tl.sum(acc, 0))
 
 
 @triton.jit

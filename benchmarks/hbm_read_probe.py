@@ -22,9 +22,17 @@ import triton
 import triton.language as tl
 from moe_bench import per_launch  # benchmarks/ (this script's folder) is on sys.path
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays False
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
-def _read_kernel(X, Out, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+def _read_kernel(X, Out, n, BLOCK: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # as a programmatic dependent (benchmarks/boundary_probe.py): let the next start, wait for the last
+        gdc_launch_dependents()
+        gdc_wait()
     base = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(STEPS):
