@@ -137,13 +137,9 @@ def main() -> None:
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
     for per_sm in (1, 2):
         programs = props.multi_processor_count * per_sm
-        names = None
+        fns = [_layer_fns(per_layer[i], wholes[i], out, counter, programs) for i in range(layers)]
         for variant in ("kernels", "kernels_pdl", "persistent", "persistent_nobarrier", "one_kernel"):
-            if per_sm == 2 and not variant.startswith("persistent"):
-                continue
-            fns = [_layer_fns(per_layer[i], wholes[i], out, counter, programs) for i in range(layers)]
-            names = names or list(fns[0])
-            if variant not in fns[0]:
+            if (per_sm == 2 and not variant.startswith("persistent")) or variant not in fns[0]:
                 continue
             for f in fns:  # compile and warm up
                 f[variant]()
