@@ -10,8 +10,9 @@ gate-ups, both downs) of 6 distinct layers (1.9 GB, far past the 50 MB L2) insid
 - kernels: one plain read kernel per segment (64 KB per program), in stream order;
 - kernels_pdl: the same as programmatic dependents (each program calls `gdc_launch_dependents` and `gdc_wait`
   at its start: the next grid's programs may launch during the previous one's tail);
-- persistent: one kernel per layer, one program per SM slot, each walking its share of every segment, a grid
-  barrier (an arrival counter and a spin) between segments: the boundaries of a per-layer megakernel;
+- persistent: one kernel per layer, 1 / 2 / 4 / 8 programs per SM (those that fit on an SM at once: a grid barrier
+  deadlocks otherwise), each walking its share of every segment, a grid barrier (an arrival counter and a spin)
+  between segments: the boundaries of a per-layer megakernel;
 - persistent_nobarrier: the same without the barriers (the stream such a kernel could reach);
 - one_kernel: one plain read kernel over the layer's 315 MB (no boundary at all).
 
@@ -101,6 +102,16 @@ def _layer_fns(segs: list[torch.Tensor], whole: torch.Tensor, out: torch.Tensor,
     return fns
 
 
+def _resident_per_sm(segs: list[torch.Tensor], out: torch.Tensor, counter: torch.Tensor, props) -> int:
+    """How many programs of the barrier kernel one SM holds at once (threads and registers; it uses no shared
+    memory beyond the reduction's), from the compiled kernel."""
+    k = _persistent_kernel.warmup(*segs, *(s.numel() for s in segs), out, counter, BLOCK=BLOCK, STEPS=STEPS,
+                                  BARRIER=True, num_warps=8, grid=(1,))
+    threads = 8 * 32
+    regs = max(int(k.n_regs), 1)
+    return min(props.max_threads_per_multi_processor // threads, 65536 // (threads * regs))
+
+
 def check() -> None:
     """CPU (TRITON_INTERPRET=1): each variant's per-program sums add up to the data's sum (one program for the
     persistent kernel: the interpreter runs programs one after another, so a spin would never end)."""
@@ -135,11 +146,15 @@ def main() -> None:
     layer_bytes = sum(s.numel() * 4 for s in per_layer[0])
     out = torch.zeros(1 << 16, device=dev)
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
-    for per_sm in (1, 2):
+    resident = _resident_per_sm(per_layer[0], out, counter, props)
+    res["persistent_resident_per_sm"] = resident
+    for per_sm in (1, 2, 4, 8):
+        if per_sm > resident:  # a grid barrier spins forever unless every program is resident at once
+            continue
         programs = props.multi_processor_count * per_sm
         fns = [_layer_fns(per_layer[i], wholes[i], out, counter, programs) for i in range(layers)]
         for variant in ("kernels", "kernels_pdl", "persistent", "persistent_nobarrier", "one_kernel"):
-            if (per_sm == 2 and not variant.startswith("persistent")) or variant not in fns[0]:
+            if (per_sm > 1 and not variant.startswith("persistent")) or variant not in fns[0]:
                 continue
             for f in fns:  # compile and warm up
                 f[variant]()
