@@ -14,6 +14,8 @@ gate-ups, both downs) of 6 distinct layers (1.9 GB, far past the 50 MB L2) insid
   deadlocks otherwise), each walking its share of every segment, a grid barrier (an arrival counter and a spin)
   between segments: the boundaries of a per-layer megakernel;
 - persistent_nobarrier: the same without the barriers (the stream such a kernel could reach);
+- persistent_dynamic (_nobarrier): the same, each program taking its next chunk from a per-segment work counter
+  (an atomic) instead of a fixed stride: the load balance a plain grid gets from the block scheduler;
 - one_kernel: one plain read kernel over the layer's 315 MB (no boundary at all).
 
 Per layer: microseconds and TB/s; the boundary cost of a variant is its time minus one_kernel's, over 3
@@ -47,6 +49,20 @@ def _read_chunks(X, n, acc, BLOCK: tl.constexpr, STEPS: tl.constexpr):
 
 
 @triton.jit
+def _read_chunks_dynamic(X, n, acc, Work, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """The same, but each program takes the segment's next chunk from a work counter until none is left (the
+    balance a plain grid gets from the hardware's block scheduler)."""
+    c = tl.atomic_add(Work, 1)
+    while c < tl.cdiv(n, BLOCK * STEPS):
+        base = c * (BLOCK * STEPS)
+        for i in range(STEPS):
+            offs = base + i * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(X + offs, mask=offs < n, other=0.0)
+        c = tl.atomic_add(Work, 1)
+    return acc
+
+
+@triton.jit
 def _grid_barrier(Counter, target):
     """Every program of the grid arrives (release), then spins until `target` have (acquire)."""
     tl.debug_barrier()
@@ -59,19 +75,32 @@ def _grid_barrier(Counter, target):
 
 @triton.jit
 def _persistent_kernel(X0, X1, X2, X3, n0, n1, n2, n3, Out, Counter, BLOCK: tl.constexpr, STEPS: tl.constexpr,
-                       BARRIER: tl.constexpr):
+                       BARRIER: tl.constexpr, DYNAMIC: tl.constexpr = False):
+    """Counter[0]: the barrier's arrivals; Counter[1 + s]: segment s's next chunk (DYNAMIC)."""
     acc = tl.zeros([BLOCK], tl.float32)
     p = tl.num_programs(0)
-    acc = _read_chunks(X0, n0, acc, BLOCK, STEPS)
+    if DYNAMIC:
+        acc = _read_chunks_dynamic(X0, n0, acc, Counter + 1, BLOCK, STEPS)
+    else:
+        acc = _read_chunks(X0, n0, acc, BLOCK, STEPS)
     if BARRIER:
         _grid_barrier(Counter, p)
-    acc = _read_chunks(X1, n1, acc, BLOCK, STEPS)
+    if DYNAMIC:
+        acc = _read_chunks_dynamic(X1, n1, acc, Counter + 2, BLOCK, STEPS)
+    else:
+        acc = _read_chunks(X1, n1, acc, BLOCK, STEPS)
     if BARRIER:
         _grid_barrier(Counter, 2 * p)
-    acc = _read_chunks(X2, n2, acc, BLOCK, STEPS)
+    if DYNAMIC:
+        acc = _read_chunks_dynamic(X2, n2, acc, Counter + 3, BLOCK, STEPS)
+    else:
+        acc = _read_chunks(X2, n2, acc, BLOCK, STEPS)
     if BARRIER:
         _grid_barrier(Counter, 3 * p)
-    acc = _read_chunks(X3, n3, acc, BLOCK, STEPS)
+    if DYNAMIC:
+        acc = _read_chunks_dynamic(X3, n3, acc, Counter + 4, BLOCK, STEPS)
+    else:
+        acc = _read_chunks(X3, n3, acc, BLOCK, STEPS)
     tl.store(Out + tl.program_id(0), tl.sum(acc, 0))
 
 
@@ -85,18 +114,19 @@ def _layer_fns(segs: list[torch.Tensor], whole: torch.Tensor, out: torch.Tensor,
             _read_kernel[(triton.cdiv(s.numel(), chunk),)](s, out, s.numel(), BLOCK=BLOCK, STEPS=STEPS,
                                                           num_warps=8, **(pdl if use_pdl else {}))
 
-    def persistent(barrier: bool) -> None:
-        if barrier:
+    def persistent(barrier: bool, dynamic: bool = False) -> None:
+        if barrier or dynamic:
             counter.zero_()
         _persistent_kernel[(programs,)](*segs, *(s.numel() for s in segs), out, counter, BLOCK=BLOCK, STEPS=STEPS,
-                                        BARRIER=barrier, num_warps=8)
+                                        BARRIER=barrier, DYNAMIC=dynamic, num_warps=8)
 
     def one_kernel() -> None:
         _read_kernel[(triton.cdiv(whole.numel(), chunk),)](whole, out, whole.numel(), BLOCK=BLOCK, STEPS=STEPS,
                                                            num_warps=8)
 
     fns = {"kernels": kernels, "persistent": lambda: persistent(True),
-           "persistent_nobarrier": lambda: persistent(False), "one_kernel": one_kernel}
+           "persistent_nobarrier": lambda: persistent(False), "persistent_dynamic": lambda: persistent(True, True),
+           "persistent_dynamic_nobarrier": lambda: persistent(False, True), "one_kernel": one_kernel}
     if pdl is not None:
         fns["kernels_pdl"] = lambda: kernels(True)
     return fns
@@ -105,10 +135,13 @@ def _layer_fns(segs: list[torch.Tensor], whole: torch.Tensor, out: torch.Tensor,
 def _resident_per_sm(segs: list[torch.Tensor], out: torch.Tensor, counter: torch.Tensor, props) -> int:
     """How many programs of the barrier kernel one SM holds at once (threads and registers; it uses no shared
     memory beyond the reduction's), from the compiled kernel."""
-    k = _persistent_kernel.warmup(*segs, *(s.numel() for s in segs), out, counter, BLOCK=BLOCK, STEPS=STEPS,
-                                  BARRIER=True, num_warps=8, grid=(1,))
+    regs = 1
+    for dynamic in (False, True):
+        k = _persistent_kernel.warmup(*segs, *(s.numel() for s in segs), out, counter, BLOCK=BLOCK, STEPS=STEPS,
+                                      BARRIER=True, DYNAMIC=dynamic, num_warps=8, grid=(1,))
+        k._init_handles()  # loads the module: n_regs is known from then on
+        regs = max(regs, int(k.n_regs))
     threads = 8 * 32
-    regs = max(int(k.n_regs), 1)
     return min(props.max_threads_per_multi_processor // threads, 65536 // (threads * regs))
 
 
@@ -121,7 +154,7 @@ def check() -> None:
     whole = torch.cat(segs)
     want = float(whole.double().sum())
     out = torch.zeros(1024)
-    counter = torch.zeros(1, dtype=torch.int32)
+    counter = torch.zeros(8, dtype=torch.int32)
     for name, fn in _layer_fns(segs, whole, out, counter, programs=1).items():
         out.zero_()
         fn()
@@ -145,7 +178,7 @@ def main() -> None:
     wholes = [torch.cat(s) for s in per_layer]
     layer_bytes = sum(s.numel() * 4 for s in per_layer[0])
     out = torch.zeros(1 << 16, device=dev)
-    counter = torch.zeros(1, dtype=torch.int32, device=dev)
+    counter = torch.zeros(8, dtype=torch.int32, device=dev)
     resident = _resident_per_sm(per_layer[0], out, counter, props)
     res["persistent_resident_per_sm"] = resident
     for per_sm in (1, 2, 4, 8):
@@ -153,7 +186,8 @@ def main() -> None:
             continue
         programs = props.multi_processor_count * per_sm
         fns = [_layer_fns(per_layer[i], wholes[i], out, counter, programs) for i in range(layers)]
-        for variant in ("kernels", "kernels_pdl", "persistent", "persistent_nobarrier", "one_kernel"):
+        for variant in ("kernels", "kernels_pdl", "persistent", "persistent_nobarrier", "persistent_dynamic",
+                        "persistent_dynamic_nobarrier", "one_kernel"):
             if (per_sm > 1 and not variant.startswith("persistent")) or variant not in fns[0]:
                 continue
             for f in fns:  # compile and warm up
