@@ -1,6 +1,7 @@
 """Scout's one-token FP8 linears (qkv, o, shared down, and one expert's gate-up) by cuBLAS `_scaled_mm`, by the
 tensor-core decode GEMM the MoE uses (kernels/moe_decode.py `_gemm` at its default launch; SiLU-and-mul fused
-for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept).
+for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept), beside
+hbm_read_probe.py's plain read kernel over the same bytes (`plain_read_*`: the best a kernel of that size streams).
 
     PYTHONPATH=src python3 benchmarks/gemv_bench.py   # writes $OUT/gemv_bench.json
 
@@ -17,7 +18,9 @@ import os
 from functools import partial
 
 import torch
+import triton
 from decode_bench import graph_us  # benchmarks/ (this script's folder) is on sys.path
+from hbm_read_probe import _read_kernel
 
 from llamaserve.kernels import moe_decode as md
 from llamaserve.kernels.gemv import gemv
@@ -38,6 +41,13 @@ def main() -> None:
         x = torch.randn(1, k, device="cuda").to(FP8)
         row = {"cublas": graph_us([partial(torch._scaled_mm, x, w.t(), scale_a=sx, scale_b=sw,
                                            out_dtype=torch.bfloat16) for w in ws])}
+        # the same bytes by hbm_read_probe's plain read kernel (no arithmetic beyond a sum): what a kernel of
+        # this size can stream at best; 1,024 or 2,048 float32 x 4 steps per program, 8 warps
+        for block in (1024, 2048):
+            flat = [w.view(torch.float32).reshape(-1) for w in ws]
+            part = torch.empty(triton.cdiv(flat[0].numel(), block * 4), device="cuda")
+            row[f"plain_read_{block}x4x8"] = graph_us([partial(_read_kernel[(part.numel(),)], f, part, f.numel(),
+                                                               BLOCK=block, STEPS=4, num_warps=8) for f in flat])
         glu = name.endswith("gate_up")  # the decode GEMM as the engine runs it: SiLU-and-mul, FP8 out
         out = torch.empty(1, n // 2 if glu else n, dtype=FP8 if glu else torch.bfloat16, device="cuda")
         row["decode_gemm"] = graph_us([partial(md._gemm, x, w.t().unsqueeze(0), out, None, out.shape[1], glu, sx,
@@ -46,7 +56,8 @@ def main() -> None:
             if bn * bk > 65536:
                 continue
             row[f"{bn}x{bk}x{nw}"] = graph_us([partial(gemv, x, w, bn, bk, nw, sx, sw, torch.bfloat16) for w in ws])
-        best = min((key for key in row if key not in ("cublas", "decode_gemm")), key=row.get)
+        best = min((key for key in row if key not in ("cublas", "decode_gemm") and not key.startswith("plain")),
+                   key=row.get)
         bn, bk, nw = (int(v) for v in best.split("x"))
         got = gemv(x, ws[0], bn, bk, nw, sx, sw, torch.bfloat16).float()
         want = torch._scaled_mm(x, ws[0].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).float()
@@ -54,7 +65,8 @@ def main() -> None:
         row["best"] = [best, row[best], round(n * k / row[best] / 1e6, 3), "cublas TB/s",
                        round(n * k / row["cublas"] / 1e6, 3)]
         res[name] = row
-        print(name, "cublas", row["cublas"], "decode_gemm", row["decode_gemm"], "best", row["best"], flush=True)
+        print(name, "cublas", row["cublas"], "decode_gemm", row["decode_gemm"], "best", row["best"],
+              {k: v for k, v in row.items() if k.startswith("plain")}, flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "gemv_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
 
