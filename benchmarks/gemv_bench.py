@@ -1,6 +1,6 @@
 """Scout's one-token FP8 linears (qkv, o, shared down, and one expert's gate-up) by cuBLAS `_scaled_mm`, by the
 tensor-core decode GEMM the MoE uses (kernels/moe_decode.py `_gemm` at its default launch; SiLU-and-mul fused
-for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept), beside
+for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept, in its three forms), beside
 hbm_read_probe.py's plain read kernel over the same bytes (`plain_read_*`: the best a kernel of that size streams).
 
     PYTHONPATH=src python3 benchmarks/gemv_bench.py   # writes $OUT/gemv_bench.json
@@ -52,14 +52,17 @@ def main() -> None:
         out = torch.empty(1, n // 2 if glu else n, dtype=FP8 if glu else torch.bfloat16, device="cuda")
         row["decode_gemm"] = graph_us([partial(md._gemm, x, w.t().unsqueeze(0), out, None, out.shape[1], glu, sx,
                                                sw, out_ref, out_scale=sx if glu else None) for w in ws])
-        for bn, bk, nw in itertools.product(*SWEEP):
-            if bn * bk > 65536:
+        forms = {"": {}, "_acc2d": {"acc2d": True}, "_unrolled": {"acc2d": True, "unroll": True}}
+        for (bn, bk, nw), (tag, form) in itertools.product(itertools.product(*SWEEP), forms.items()):
+            if bn * bk > 65536 or (form and bn * bk // (32 * nw) > 128):  # a 2-D tile's registers per thread
                 continue
-            row[f"{bn}x{bk}x{nw}"] = graph_us([partial(gemv, x, w, bn, bk, nw, sx, sw, torch.bfloat16) for w in ws])
+            row[f"{bn}x{bk}x{nw}{tag}"] = graph_us([partial(gemv, x, w, bn, bk, nw, sx, sw, torch.bfloat16, **form)
+                                                    for w in ws])
         best = min((key for key in row if key not in ("cublas", "decode_gemm") and not key.startswith("plain")),
                    key=row.get)
-        bn, bk, nw = (int(v) for v in best.split("x"))
-        got = gemv(x, ws[0], bn, bk, nw, sx, sw, torch.bfloat16).float()
+        launch, _, tag = best.partition("_")
+        bn, bk, nw = (int(v) for v in launch.split("x"))
+        got = gemv(x, ws[0], bn, bk, nw, sx, sw, torch.bfloat16, **forms["_" + tag if tag else ""]).float()
         want = torch._scaled_mm(x, ws[0].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).float()
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3)
         row["best"] = [best, row[best], round(n * k / row[best] / 1e6, 3), "cublas TB/s",

@@ -30,17 +30,34 @@ LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASE
 
 @triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False, KC: tl.constexpr = 0):
+    """ACC2D: products summed elementwise into a [BLOCK_N, BLOCK_K] tile and reduced once at the end (no
+    cross-warp reduction, so no CTA barrier, between slices); KC > 0: K given as a constexpr (= KC), the slice loop
+    unrolled."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + kk[None, :]
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
-        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], 1)
+    if ACC2D:
+        tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if KC > 0:
+            for k0 in tl.static_range(0, KC, BLOCK_K):
+                k_ok = (k0 + kk) < KC
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                tile += w * tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + kk) < K
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                tile += w * tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.sum(tile, 1)
+    else:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + kk) < K
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], 1)
     if HAS_SCALE:  # FP8 operands: per-tensor scales
         acc = acc * (tl.load(SX) * tl.load(SW))
     tl.store(Y + rows, acc.to(Y.dtype.element_ty), mask=row_ok)
@@ -48,9 +65,10 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
          num_warps: int = NUM_WARPS, x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, acc2d: bool = False, unroll: bool = False) -> torch.Tensor:
     """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
-    FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale."""
+    FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale.
+    `acc2d` / `unroll`: the kernel's ACC2D / KC forms (unroll needs acc2d)."""
     m, k = x.shape
     n = w.shape[0]
     if m != 1 or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
@@ -62,7 +80,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
                                              w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             num_warps=num_warps)
+                                             ACC2D=acc2d, KC=k if (acc2d and unroll) else 0, num_warps=num_warps)
     return y
 
 
