@@ -52,7 +52,8 @@ def main() -> None:
         out = torch.empty(1, n // 2 if glu else n, dtype=FP8 if glu else torch.bfloat16, device="cuda")
         row["decode_gemm"] = graph_us([partial(md._gemm, x, w.t().unsqueeze(0), out, None, out.shape[1], glu, sx,
                                                sw, out_ref, out_scale=sx if glu else None) for w in ws])
-        forms = {"": {}, "_acc2d": {"acc2d": True}, "_unrolled": {"acc2d": True, "unroll": True}}
+        forms = {"": {}, "_acc2d": {"acc2d": True}, "_unrolled": {"acc2d": True, "unroll": True},
+                 "_half": {"half": True}}
         for (bn, bk, nw), (tag, form) in itertools.product(itertools.product(*SWEEP), forms.items()):
             if bn * bk > 65536 or (form and bn * bk // (32 * nw) > 128):  # a 2-D tile's registers per thread
                 continue

@@ -30,7 +30,8 @@ LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASE
 
 @triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False, KC: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False, KC: tl.constexpr = 0,
+                 HALF: tl.constexpr = False):
     """ACC2D: products summed elementwise into a [BLOCK_N, BLOCK_K] tile and reduced once at the end (no
     cross-warp reduction, so no CTA barrier, between slices); KC > 0: K given as a constexpr (= KC), the slice loop
     unrolled."""
@@ -38,7 +39,14 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + kk[None, :]
-    if ACC2D:
+    if HALF:  # products and the tile in float16 (fp8 -> f16 is one packed convert per two values), then float32
+        tile16 = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
+        for k0 in tl.static_range(0, KC, BLOCK_K):
+            k_ok = (k0 + kk) < KC
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
+            tile16 += w * tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16)[None, :]
+        acc = tl.sum(tile16.to(tl.float32), 1)
+    elif ACC2D:
         tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if KC > 0:
             for k0 in tl.static_range(0, KC, BLOCK_K):
@@ -65,7 +73,8 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
          num_warps: int = NUM_WARPS, x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, acc2d: bool = False, unroll: bool = False) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, acc2d: bool = False, unroll: bool = False,
+         half: bool = False) -> torch.Tensor:
     """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
     FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale.
     `acc2d` / `unroll`: the kernel's ACC2D / KC forms (unroll needs acc2d)."""
@@ -80,7 +89,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
                                              w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             ACC2D=acc2d, KC=k if (acc2d and unroll) else 0, num_warps=num_warps)
+                                             ACC2D=acc2d, KC=k if ((acc2d and unroll) or half) else 0, HALF=half,
+                                             num_warps=num_warps)
     return y
 
 
