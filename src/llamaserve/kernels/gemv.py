@@ -39,13 +39,14 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + kk[None, :]
-    if HALF:  # products and the tile in float16 (fp8 -> f16 is one packed convert per two values), then float32
+    if HALF:  # FP8 operands: products and the tile in float16, summed in float32 once at the end (see gemv())
         tile16 = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
         for k0 in tl.static_range(0, KC, BLOCK_K):
             k_ok = (k0 + kk) < KC
             w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
-            tile16 += w * tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16)[None, :]
-        acc = tl.sum(tile16.to(tl.float32), 1)
+            x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
+            tile16 += w * x[None, :]
+        acc = tl.sum(tile16.to(tl.float32), 1) * 1024.0
     elif ACC2D:
         tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if KC > 0:
@@ -85,6 +86,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
                          f"(strides {x.stride()}) and w {tuple(w.shape)} (strides {w.stride()})")
     if (x_scale is None) != (w_scale is None):
         raise ValueError("gemv: give both x_scale and w_scale, or neither")
+    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"gemv: half=True takes FP8 x and w, got {x.dtype} and {w.dtype}")
     y = torch.empty((1, n), dtype=out_dtype or w.dtype, device=w.device)
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,

@@ -190,7 +190,7 @@ class Fp8LinearMethod:
 
             launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
             y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
-                          out_dtype=layer.out_dtype)
+                          out_dtype=layer.out_dtype, half=os.environ.get("LLAMASERVE_FP8_GEMV_HALF") == "1")
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv
