@@ -1,7 +1,8 @@
 """Scout's one-token FP8 linears (qkv, o, shared down, and one expert's gate-up) by cuBLAS `_scaled_mm`, by the
 tensor-core decode GEMM the MoE uses (kernels/moe_decode.py `_gemm` at its default launch; SiLU-and-mul fused
-for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept, in its three forms), beside
-hbm_read_probe.py's plain read kernel over the same bytes (`plain_read_*`: the best a kernel of that size streams).
+for the gate-up, as the engine runs it) and by kernels/gemv.py (plain loads; launch swept, float32 and float16
+products), beside hbm_read_probe.py's plain read kernel over the same bytes (`plain_read_*`: the best a kernel of
+that size streams).
 
     PYTHONPATH=src python3 benchmarks/gemv_bench.py   # writes $OUT/gemv_bench.json
 
@@ -52,8 +53,7 @@ def main() -> None:
         out = torch.empty(1, n // 2 if glu else n, dtype=FP8 if glu else torch.bfloat16, device="cuda")
         row["decode_gemm"] = graph_us([partial(md._gemm, x, w.t().unsqueeze(0), out, None, out.shape[1], glu, sx,
                                                sw, out_ref, out_scale=sx if glu else None) for w in ws])
-        forms = {"": {}, "_acc2d": {"acc2d": True}, "_unrolled": {"acc2d": True, "unroll": True},
-                 "_half": {"half": True}}
+        forms = {"": {}, "_half": {"half": True}}  # float32 products, float16 products (the default since 2026-12-01)
         for (bn, bk, nw), (tag, form) in itertools.product(itertools.product(*SWEEP), forms.items()):
             if bn * bk > 65536 or (form and bn * bk // (32 * nw) > 128):  # a 2-D tile's registers per thread
                 continue

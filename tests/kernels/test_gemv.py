@@ -67,3 +67,30 @@ def test_gemv_fp8_with_scales(n, k, device):
     torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-4)
     with pytest.raises(ValueError, match="both x_scale and w_scale"):
         gemv(x, w, x_scale=sx)
+
+
+@pytest.mark.parametrize("n,k,launch", [(300, 320, (8, 128, 4)), (64, 5120, (8, 1024, 4)), (37, 1000, (4, 256, 2))])
+def test_gemv_fp8_half_products(n, k, launch, device):
+    """The FP8 form with float16 products (`half=True`, the one-token FP8 linears' default): close to the float32
+    reference on fresh random inputs, K a multiple of the slice or not."""
+    gen = torch.Generator().manual_seed(7 * n + k)
+    w = (torch.randn(n, k, generator=gen) * 40).clamp(-448, 448).to(device).to(torch.float8_e4m3fn)
+    x = (torch.randn(1, k, generator=gen) * 60).clamp(-448, 448).to(device).to(torch.float8_e4m3fn)
+    sx, sw = torch.tensor(0.02, device=device), torch.tensor(0.003, device=device)
+    y = gemv(x, w, *launch, x_scale=sx, w_scale=sw, out_dtype=torch.float32, half=True)
+    want = gemv_torch(x, w, sx, sw, torch.float32)
+    scale = want.abs().max()
+    assert (y - want).abs().max() <= 2e-3 * scale, float((y - want).abs().max() / scale)
+
+
+def test_gemv_fp8_half_extremes_do_not_overflow(device):
+    """Every value at FP8's largest (448): each float16 lane sums K / BLOCK_K products of 448 * 448 * 2**-10; the
+    result is exact. A float32 or bf16 operand is refused in this form."""
+    k = 8192
+    w = torch.full((16, k), 448.0, device=device).to(torch.float8_e4m3fn)
+    x = torch.full((1, k), -448.0, device=device).to(torch.float8_e4m3fn)
+    one = torch.tensor(1.0, device=device)
+    y = gemv(x, w, 8, 256, 4, x_scale=one, w_scale=one, out_dtype=torch.float32, half=True)
+    assert torch.isfinite(y).all() and torch.equal(y, torch.full_like(y, -448.0 * 448.0 * k))
+    with pytest.raises(ValueError, match="half=True takes FP8"):
+        gemv(torch.randn(1, 64, device=device), torch.randn(8, 64, device=device), half=True)

@@ -122,8 +122,9 @@ def test_small_m_mode_is_checked(monkeypatch):
                     "is tested on the CPU in tests/kernels/test_gemv.py)")
 def test_one_token_gemv_dispatch(monkeypatch):
     """A marked layer's one-row call takes kernels/gemv.py, an unmarked one's or a two-row call cuBLAS; all match the
-    reference. LLAMASERVE_FP8_SMALL_M=cublas turns the GEMV off, =gemv on for every layer. (320 outputs: cuBLAS's
-    FP8 GEMM wants both dimensions divisible by 16.)"""
+    reference. LLAMASERVE_FP8_SMALL_M=cublas turns the GEMV off, =gemv on for every layer; the GEMV multiplies in
+    float16 unless LLAMASERVE_FP8_GEMV_HALF=0. (320 outputs: cuBLAS's FP8 GEMM wants both dimensions divisible by
+    16.)"""
     from llamaserve.kernels import gemv
 
     torch.manual_seed(2)
@@ -133,13 +134,18 @@ def test_one_token_gemv_dispatch(monkeypatch):
     layer.finalize()
     calls = []
     real = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append((a[0].shape[0], k["half"])) or real(*a, **k))
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     sx = layer.static_input_scale
-    for rows, marked, mode, want_calls in ((1, True, "auto", [1]), (2, True, "auto", []), (1, False, "auto", []),
-                                           (1, True, "cublas", []), (1, False, "gemv", [1])):
+    for rows, marked, mode, half, want_calls in (
+            (1, True, "auto", None, [(1, True)]), (2, True, "auto", None, []), (1, False, "auto", None, []),
+            (1, True, "cublas", None, []), (1, False, "gemv", None, [(1, True)]), (1, True, "auto", "0", [(1, False)])):
         calls.clear()
         monkeypatch.setenv("LLAMASERVE_FP8_SMALL_M", mode)
+        if half is None:  # float16 products by default; LLAMASERVE_FP8_GEMV_HALF=0: float32
+            monkeypatch.delenv("LLAMASERVE_FP8_GEMV_HALF", raising=False)
+        else:
+            monkeypatch.setenv("LLAMASERVE_FP8_GEMV_HALF", half)
         layer.one_token_gemv = marked
         want = reference_fp8_linear(quantize_fp8(x[:rows], sx), sx, layer.weight, layer.weight_scale, None,
                                     torch.bfloat16)

@@ -11,10 +11,13 @@ Two uses, both measured on Scout at batch 1 on H200 (docs/performance.md):
   benchmarks/gemv_bench.py), yet the step is 0.06 ms faster with them (5.298 against 5.356 ms by `bench latency`,
   one lease). Why is not measured; a guess: among the graph's other kernels (PDL launches, the routed expert's
   GEMMs on the other stream) many small programs start and share SMs better than cuBLAS's few large ones.
+  Their FP8 form (`half=True`, the default for them since 2026-12-01) multiplies in float16: alone 11.06-11.86 /
+  8.67-8.98 / 12.72-12.84 us against 11.70 / 9.55-10.11 / 13.83-14.23 in float32 (a plain read of the same bytes:
+  9.86 / 7.89 / 11.31 us), and the step 0.03-0.06 ms faster (5.250 / 5.252 against 5.303 / 5.307 ms, one load).
 
-Each program owns BLOCK_N rows of W and walks K in BLOCK_K slices (plain loads, products summed in float32; no
-tensor cores: one flop per byte), so the grid has N / BLOCK_N programs, hundreds to thousands. Reference:
-`gemv_torch` (float32 matmul, times the scales, cast).
+Each program owns BLOCK_N rows of W and walks K in BLOCK_K slices (plain loads, products summed in float32, or
+in float16 tiles for FP8; no tensor cores: one flop per byte), so the grid has N / BLOCK_N programs, hundreds to
+thousands. Reference: `gemv_torch` (float32 matmul, times the scales, cast).
 """
 
 from __future__ import annotations
@@ -30,36 +33,26 @@ LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASE
 
 @triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False, KC: tl.constexpr = 0,
-                 HALF: tl.constexpr = False):
-    """ACC2D: products summed elementwise into a [BLOCK_N, BLOCK_K] tile and reduced once at the end (no
-    cross-warp reduction, so no CTA barrier, between slices); KC > 0: K given as a constexpr (= KC), the slice loop
-    unrolled."""
+                 BLOCK_K: tl.constexpr, HALF: tl.constexpr = False, KC: tl.constexpr = 0):
+    """HALF (FP8 x and W; K given again as the constexpr KC, the slice loop unrolled): each slice's products in
+    float16 summed elementwise into a float16 [BLOCK_N, BLOCK_K] tile, reduced in float32 once at the end.
+    FP8 -> float16 is one packed convert per two values where float32 takes more, and there is no cross-warp
+    reduction between slices. Every product of two FP8 values is exact in float16 (4-bit significands); x is
+    scaled by 2**-10 (exact) so that a lane's sum of K / BLOCK_K products stays below float16's 65,504 while
+    K / BLOCK_K <= 300 (448 * 448 * 2**-10 = 196 per product); the sums round to float16's 11 bits, below the
+    bf16 output's 8."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + kk[None, :]
-    if HALF:  # FP8 operands: products and the tile in float16, summed in float32 once at the end (see gemv())
-        tile16 = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
+    if HALF:
+        tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
         for k0 in tl.static_range(0, KC, BLOCK_K):
             k_ok = (k0 + kk) < KC
             w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
             x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
-            tile16 += w * x[None, :]
-        acc = tl.sum(tile16.to(tl.float32), 1) * 1024.0
-    elif ACC2D:
-        tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        if KC > 0:
-            for k0 in tl.static_range(0, KC, BLOCK_K):
-                k_ok = (k0 + kk) < KC
-                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                tile += w * tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            for k0 in range(0, K, BLOCK_K):
-                k_ok = (k0 + kk) < K
-                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                tile += w * tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc = tl.sum(tile, 1)
+            tile += w * x[None, :]
+        acc = tl.sum(tile.to(tl.float32), 1) * 1024.0
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -74,11 +67,10 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
          num_warps: int = NUM_WARPS, x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, acc2d: bool = False, unroll: bool = False,
-         half: bool = False) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, half: bool = False) -> torch.Tensor:
     """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
     FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale.
-    `acc2d` / `unroll`: the kernel's ACC2D / KC forms (unroll needs acc2d)."""
+    `half`: FP8 x and w only, float16 products (the kernel's HALF; compiled once per K)."""
     m, k = x.shape
     n = w.shape[0]
     if m != 1 or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
@@ -86,14 +78,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
                          f"(strides {x.stride()}) and w {tuple(w.shape)} (strides {w.stride()})")
     if (x_scale is None) != (w_scale is None):
         raise ValueError("gemv: give both x_scale and w_scale, or neither")
-    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn):
-        raise ValueError(f"gemv: half=True takes FP8 x and w, got {x.dtype} and {w.dtype}")
+    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn and k <= 300 * block_k):
+        raise ValueError(f"gemv: half=True takes FP8 x and w with K <= 300 * block_k, got {x.dtype} and {w.dtype}, "
+                         f"K = {k}, block_k = {block_k}")
     y = torch.empty((1, n), dtype=out_dtype or w.dtype, device=w.device)
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
                                              w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             ACC2D=acc2d, KC=k if ((acc2d and unroll) or half) else 0, HALF=half,
-                                             num_warps=num_warps)
+                                             HALF=half, KC=k if half else 0, num_warps=num_warps)
     return y
 
 

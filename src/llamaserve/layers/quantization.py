@@ -20,7 +20,7 @@ otherwise: `cublas` (every call on cuBLAS), `gemv` (every FP8 linear's one-row c
 other models; on Llama-3.1-8B it cost 0.03-0.04 ms per batch-1 step, so Llama 3 does not mark its layers),
 `triton` (calls of at most 16 rows on the older tensor-core kernel kernels/fp8_gemv.py, which lost to cuBLAS on
 the 8B: 3.19 against 3.54 TB/s, step 4.01 against 3.29 ms); LLAMASERVE_FP8_GEMV=BLOCK_NxBLOCK_KxWARPS sets the
-GEMV's launch.
+GEMV's launch, LLAMASERVE_FP8_GEMV_HALF=0 its float32 products instead of float16 (kernels/gemv.py).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class Fp8LinearMethod:
 
             launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
             y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
-                          out_dtype=layer.out_dtype, half=os.environ.get("LLAMASERVE_FP8_GEMV_HALF") == "1")
+                          out_dtype=layer.out_dtype, half=os.environ.get("LLAMASERVE_FP8_GEMV_HALF", "1") != "0")
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv
