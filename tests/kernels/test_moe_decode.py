@@ -86,6 +86,43 @@ def test_fp8_matches_fp8_reference_and_grouped_path(static, t, device, monkeypat
     assert (got - grouped).norm() / grouped.norm() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("launch", ["1", "4x64x2"])
+def test_one_token_down_gemv(static, launch, device, monkeypatch):
+    """LLAMASERVE_MOE_DOWN_GEMV: a one-token FP8 step's routed down projection as the float16-product GEMV (the
+    decode GEMM still takes the gate-up): against the step-for-step FP8 reference and the decode GEMM's result,
+    with the shared output added and without; a malformed launch names itself."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    e, h, inter = 4, 96, 320  # K = 320: not a multiple of the 64-wide slices
+    x, gate_up, down, logits, shared = _inputs(1, h, inter, e, device, 7, dtype)
+    gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
+    gu8, dn8 = _nk(quantize_fp8(gate_up, gs)), _nk(quantize_fp8(down, ds))
+    a1 = x.float().abs().amax() / 448 if static else None
+    a2 = torch.tensor(4.0 / 448, device=device) if static else None
+    args = (gs.expand(e).contiguous(), ds.expand(e).contiguous() * torch.arange(1.0, e + 1, device=device), a1, a2)
+    ids, scores = _route(logits, dtype)
+    gemm_calls = []
+    real_gemm = moe_decode._gemm
+    monkeypatch.setattr(moe_decode, "_gemm", lambda *a, **k: gemm_calls.append(a[5]) or real_gemm(*a, **k))
+    for add in (shared, None):
+        base = fused_experts_fp8_torch(x, gu8, dn8, ids, scores, *args).float()
+        want = base + add.float() if add is not None else base
+        monkeypatch.delenv("LLAMASERVE_MOE_DOWN_GEMV", raising=False)
+        gemm_calls.clear()
+        decode_gemm = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=add).float()
+        assert gemm_calls == [True, False]  # gate-up (GLU) and down on the decode GEMM
+        monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", launch)
+        gemm_calls.clear()
+        got = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=add).float()
+        assert gemm_calls == [True]  # the down went to the GEMV
+        tol = 1e-3 if dtype == torch.float32 else 3e-2  # float16 sums of K / BLOCK_K products per lane
+        assert (got - want).norm() / want.norm() < tol
+        assert (got - decode_gemm).norm() / decode_gemm.norm() < tol
+    monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", "8x1024")
+    with pytest.raises(ValueError, match="LLAMASERVE_MOE_DOWN_GEMV='8x1024'"):
+        fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)
+
+
 def test_decode_config_override(monkeypatch):
     """LLAMASERVE_MOE_DECODE_GLU / _DOWN replace the launch parameters (then still fitted to shared memory); a
     malformed value names the variable and the expected form."""

@@ -26,6 +26,7 @@ layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`, the same as ker
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,7 @@ from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, r
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
+DOWN_GEMV_LAUNCH = (8, 1024, 4)  # the one-token routed down as a GEMV: (BLOCK_N, BLOCK_K, warps)
 SMEM_BYTES = 200 * 1024
 
 
@@ -166,6 +168,45 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
             add = tl.load(Add + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0)
             y = (y.to(tl.float32) + add.to(tl.float32)).to(dt)
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, stride_wn, K: tl.constexpr,
+                      ADD: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The routed down projection of one token as a GEMV (LLAMASERVE_MOE_DOWN_GEMV): program p owns BLOCK_N
+    output features of expert ids[0]'s K-contiguous rows and walks K in BLOCK_K slices, FP8 products in float16
+    as kernels/gemv.py's HALF form (x times 2**-10, exact; one float32 reduction at the end), then both scales
+    and the shared expert's output added as `_decode_gemm_kernel` adds it."""
+    if TRIGGER:
+        gdc_launch_dependents()
+    e = tl.load(Ids)
+    scale = tl.load(AScale) * tl.load(WScale + e)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    kk = tl.arange(0, BLOCK_K)
+    w_ptrs = W + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
+        a = tl.load(A + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
+        tile += w * a[None, :]
+    dt = Ref.dtype.element_ty
+    y = (tl.sum(tile.to(tl.float32), 1) * 1024.0 * scale).to(dt)
+    if ADD:
+        y = (y.to(tl.float32) + tl.load(Add + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dt)
+    tl.store(Out + rows, y.to(Out.dtype.element_ty), mask=row_ok)
+
+
+def down_gemv_launch() -> tuple[int, int, int] | None:
+    """LLAMASERVE_MOE_DOWN_GEMV: unset or 0, the decode GEMM takes a one-token routed down projection; 1, the GEMV
+    at (8, 1024, 4); BLOCK_NxBLOCK_KxWARPS, the GEMV at that launch."""
+    value = os.environ.get("LLAMASERVE_MOE_DOWN_GEMV", "0")
+    if value == "0":
+        return None
+    if value == "1":
+        return DOWN_GEMV_LAUNCH
+    return launch_from_env("LLAMASERVE_MOE_DOWN_GEMV", DOWN_GEMV_LAUNCH, "BLOCK_NxBLOCK_KxWARPS")
 
 
 @triton.jit
@@ -350,8 +391,18 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
         s2 = dynamic_scale(act)
         act = quantize_fp8(act, s2)
     out = torch.empty_like(x)
-    _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=shared() if callable(shared) else shared,
-          trigger=trigger_early(x.device))
+    add = shared() if callable(shared) else shared
+    launch = down_gemv_launch() if fp8 and act.shape[0] == 1 and down.stride(1) == 1 else None
+    if launch is not None:
+        bn, bk, warps = launch
+        n, k = down.shape[2], down.shape[1]
+        dummy = out
+        _down_gemv_kernel[(triton.cdiv(n, bn),)](
+            act, down, out, ids, s2, down_scale, add if add is not None else dummy, x, n, down.stride(0),
+            down.stride(2), K=k, ADD=add is not None, TRIGGER=trigger_early(x.device), BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps)
+        return out
+    _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=add, trigger=trigger_early(x.device))
     return out
 
 
