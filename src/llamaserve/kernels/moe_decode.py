@@ -38,7 +38,7 @@ from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, r
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
-DOWN_GEMV_LAUNCH = (8, 1024, 4)  # the one-token routed down as a GEMV: (BLOCK_N, BLOCK_K, warps)
+DOWN_GEMV_LAUNCH = (4, 1024, 4)  # the one-token routed down as a GEMV: (BLOCK_N, BLOCK_K, warps)
 SMEM_BYTES = 200 * 1024
 
 
@@ -201,7 +201,7 @@ def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, st
 def down_gemv_launch() -> tuple[int, int, int] | None:
     """LLAMASERVE_MOE_DOWN_GEMV: unset or 0, the decode GEMM takes a one-token routed down projection; 1, the GEMV
     at (8, 1024, 4); BLOCK_NxBLOCK_KxWARPS, the GEMV at that launch."""
-    value = os.environ.get("LLAMASERVE_MOE_DOWN_GEMV", "0")
+    value = os.environ.get("LLAMASERVE_MOE_DOWN_GEMV", "1")
     if value == "0":
         return None
     if value == "1":
