@@ -87,11 +87,12 @@ def test_fp8_matches_fp8_reference_and_grouped_path(static, t, device, monkeypat
 
 
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("launch", ["1", "4x64x2"])
+@pytest.mark.parametrize("launch", [None, "1", "4x64x2"])
 def test_one_token_down_gemv(static, launch, device, monkeypatch):
-    """LLAMASERVE_MOE_DOWN_GEMV: a one-token FP8 step's routed down projection as the float16-product GEMV (the
-    decode GEMM still takes the gate-up): against the step-for-step FP8 reference and the decode GEMM's result,
-    with the shared output added and without; a malformed launch names itself."""
+    """A one-token FP8 step's routed down projection as the float16-product GEMV (the default; the decode GEMM
+    still takes the gate-up; LLAMASERVE_MOE_DOWN_GEMV=0 puts the down back on it, 1 or a launch picks the GEMV's):
+    against the step-for-step FP8 reference and the decode GEMM's result, with the shared output added and
+    without; a malformed launch names itself. Two tokens keep the decode GEMM."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     e, h, inter = 4, 96, 320  # K = 320: not a multiple of the 64-wide slices
     x, gate_up, down, logits, shared = _inputs(1, h, inter, e, device, 7, dtype)
@@ -107,17 +108,25 @@ def test_one_token_down_gemv(static, launch, device, monkeypatch):
     for add in (shared, None):
         base = fused_experts_fp8_torch(x, gu8, dn8, ids, scores, *args).float()
         want = base + add.float() if add is not None else base
-        monkeypatch.delenv("LLAMASERVE_MOE_DOWN_GEMV", raising=False)
+        monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", "0")
         gemm_calls.clear()
         decode_gemm = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=add).float()
         assert gemm_calls == [True, False]  # gate-up (GLU) and down on the decode GEMM
-        monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", launch)
+        if launch is None:
+            monkeypatch.delenv("LLAMASERVE_MOE_DOWN_GEMV")
+        else:
+            monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", launch)
         gemm_calls.clear()
         got = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=add).float()
         assert gemm_calls == [True]  # the down went to the GEMV
         tol = 1e-3 if dtype == torch.float32 else 3e-2  # float16 sums of K / BLOCK_K products per lane
         assert (got - want).norm() / want.norm() < tol
         assert (got - decode_gemm).norm() / decode_gemm.norm() < tol
+    x2, _, _, logits2, shared2 = _inputs(2, h, inter, e, device, 8, dtype)
+    ids2, scores2 = _route(logits2, dtype)
+    gemm_calls.clear()
+    fm.fused_moe(x2, gu8, dn8, ids2, scores2, *args, shared=shared2)
+    assert gemm_calls == [True, False]
     monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", "8x1024")
     with pytest.raises(ValueError, match="LLAMASERVE_MOE_DOWN_GEMV='8x1024'"):
         fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)
