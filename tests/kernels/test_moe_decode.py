@@ -315,3 +315,54 @@ def test_shared_expert_glu_kernel_matches_the_mlp(t, device):
     got = moe._shared(x8, x, decode=True).float()
     assert got.shape == want.shape == (t, 256)
     assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("switch,launch", [("1", None), ("routed", "2x64x2"), ("shared", "4x128x4")])
+def test_one_token_glu_gemv(switch, launch, device, monkeypatch):
+    """LLAMASERVE_MOE_GLU_GEMV (off by default, an A/B switch): a one-token FP8 gate-up with its SiLU-and-mul as the
+    float16-product GEMV, routed (`fused_moe`) or shared (`glu_decode`): against the decode GEMM's result (static
+    FP8 output scale) and the step-for-step FP8 reference; two tokens and an unknown value are handled."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    e, h, inter = 3, 320, 96  # K = 320: not a multiple of the 128-wide slices
+    x, gate_up, down, logits, shared = _inputs(1, h, inter, e, device, 11, dtype)
+    gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
+    gu8, dn8 = _nk(quantize_fp8(gate_up, gs)), _nk(quantize_fp8(down, ds))
+    args = (gs.expand(e).contiguous() * torch.arange(1.0, e + 1, device=device), ds.expand(e).contiguous(),
+            x.float().abs().amax() / 448, torch.tensor(4.0 / 448, device=device))
+    ids, scores = _route(logits, dtype)
+    calls = []
+    real_gemm = moe_decode._gemm
+    monkeypatch.setattr(moe_decode, "_gemm", lambda *a, **k: calls.append(a[5]) or real_gemm(*a, **k))
+    if launch is not None:
+        monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV_LAUNCH", launch)
+    # the routed experts
+    monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV", "0")
+    base = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared).float()
+    monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV", switch)
+    calls.clear()
+    got = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared).float()
+    assert (True in calls) == (switch == "shared")  # the gate-up left the decode GEMM unless only `shared`
+    want = shared.float() + fused_experts_fp8_torch(x, gu8, dn8, ids, scores, *args).float()
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert (got - base).norm() / base.norm() < tol and (got - want).norm() / want.norm() < 2 * tol
+    # a dense (shared-expert) gate-up, [2I, H] with gate rows first
+    w = gu8[0].t()  # [2I, H], K contiguous
+    x8 = quantize_fp8(x, args[2])
+    out_scale = args[3]
+    monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV", "0")
+    dense_base = moe_decode.glu_decode(x8, w, gs, args[2], out_scale, x).float()
+    monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV", switch)
+    calls.clear()
+    dense = moe_decode.glu_decode(x8, w, gs, args[2], out_scale, x).float()
+    assert (calls == []) == (switch != "routed")
+    # FP8 outputs: at most a few values one FP8 step apart (float16 sums against the GEMM's float32)
+    assert ((dense - dense_base).abs() > 0).float().mean() < 0.05
+    assert (dense - dense_base).norm() / dense_base.norm() < 2e-2
+    x2, _, _, logits2, shared2 = _inputs(2, h, inter, e, device, 12, dtype)
+    ids2, scores2 = _route(logits2, dtype)
+    calls.clear()
+    fm.fused_moe(x2, gu8, dn8, ids2, scores2, *args, shared=shared2)
+    assert calls == [True, False]  # two tokens: the decode GEMM, gate-up and down
+    monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV", "both")
+    with pytest.raises(ValueError, match="LLAMASERVE_MOE_GLU_GEMV='both'"):
+        fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)

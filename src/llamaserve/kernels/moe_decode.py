@@ -17,7 +17,9 @@ row, so three kernels do the whole step:
 3. The same kernel without GLU for the down projection, adding the shared expert's output in its epilogue; at one
    token with FP8 experts, `_down_gemv_kernel` instead (a GEMV with float16 products, as kernels/gemv.py's HALF
    form: alone on Scout's [5,120 x 8,192] 12.7 us against the decode GEMM's 15.0; in the step 0.05-0.10 ms
-   faster, 5.167 / 5.171 against 5.268 ms, H200 2026-12-01; LLAMASERVE_MOE_DOWN_GEMV=0 turns it off).
+   faster, 5.167 / 5.171 against 5.268 ms, H200 2026-12-01; LLAMASERVE_MOE_DOWN_GEMV=0 turns it off). The
+   gate-ups have the same form, `_glu_gemv_kernel` with the GLU epilogue, behind LLAMASERVE_MOE_GLU_GEMV
+   (routed / shared / 1; off: written and tested on the CPU on 2026-12-01, not yet timed in a step).
 
 `router_logits` computes the router's logits for such steps in one kernel (`norm_router`: with the RMSNorm before
 it, one launch), and `glu_decode` runs a dense gate-up
@@ -42,6 +44,7 @@ from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait,
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 DOWN_GEMV_LAUNCH = (4, 1024, 4)  # the one-token routed down as a GEMV: (BLOCK_N, BLOCK_K, warps)
+GLU_GEMV_LAUNCH = (4, 512, 4)  # a one-token gate-up as a GEMV (gemv_bench.py's best alone, without SiLU)
 SMEM_BYTES = 200 * 1024
 
 
@@ -199,6 +202,67 @@ def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, st
     if ADD:
         y = (y.to(tl.float32) + tl.load(Add + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dt)
     tl.store(Out + rows, y.to(Out.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _glu_gemv_kernel(A, W, Out, Ids, AScale, WScale, OScale, Ref, N, stride_we, stride_wn, K: tl.constexpr,
+                     SINGLE: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A one-token FP8 gate-up with its SiLU-and-mul as a GEMV (LLAMASERVE_MOE_GLU_GEMV): program p owns BLOCK_N
+    gate rows of expert ids[0] (SINGLE: the one dense weight) and the matching up rows N further on (K-contiguous
+    rows), float16 products as `_down_gemv_kernel`, then `glu_out`'s roundings and FP8 output as the decode GEMM's
+    GLU epilogue."""
+    if SINGLE:
+        e = tl.zeros([], tl.int64)
+    else:
+        e = tl.load(Ids)
+    scale = tl.load(AScale) * tl.load(WScale + e)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    kk = tl.arange(0, BLOCK_K)
+    g_ptrs = W + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    u_ptrs = g_ptrs + N.to(tl.int64) * stride_wn
+    gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
+    up = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        m = row_ok[:, None] & k_ok[None, :]
+        a = (tl.load(A + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625)[None, :]  # 2**-10
+        gate += tl.load(g_ptrs + k0, mask=m, other=0.0).to(tl.float16) * a
+        up += tl.load(u_ptrs + k0, mask=m, other=0.0).to(tl.float16) * a
+    acc = tl.reshape(tl.sum(gate.to(tl.float32), 1) * 1024.0 * scale, (1, BLOCK_N))
+    acc_u = tl.reshape(tl.sum(up.to(tl.float32), 1) * 1024.0 * scale, (1, BLOCK_N))
+    y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT)
+    tl.store(Out + rows[None, :], y.to(Out.dtype.element_ty), mask=row_ok[None, :])
+
+
+def glu_gemv_launch(kind: str) -> tuple[int, int, int] | None:
+    """LLAMASERVE_MOE_GLU_GEMV (an A/B switch, not yet timed in a step): unset or 0, the decode GEMM takes one-token
+    FP8 gate-ups; `routed`, `shared` or `1` (both) put that gate-up on `_glu_gemv_kernel` at GLU_GEMV_LAUNCH
+    (LLAMASERVE_MOE_GLU_GEMV_LAUNCH=BLOCK_NxBLOCK_KxWARPS sets another). `kind`: routed or shared."""
+    value = os.environ.get("LLAMASERVE_MOE_GLU_GEMV", "0")
+    if value not in ("0", "1", "routed", "shared"):
+        raise ValueError(f"LLAMASERVE_MOE_GLU_GEMV={value!r}: expected 0, 1, routed or shared")
+    if value == "0" or value not in ("1", kind):
+        return None
+    return launch_from_env("LLAMASERVE_MOE_GLU_GEMV_LAUNCH", GLU_GEMV_LAUNCH, "BLOCK_NxBLOCK_KxWARPS")
+
+
+def _glu(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int,
+         a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
+         out_scale: torch.Tensor | None) -> None:
+    """A decode gate-up with SiLU-and-mul (`_gemm` with GLU), or at one FP8 token, when LLAMASERVE_MOE_GLU_GEMV asks
+    for it, `_glu_gemv_kernel`."""
+    launch = None
+    if a.shape[0] == 1 and w.dtype == torch.float8_e4m3fn and w.stride(1) == 1:
+        launch = glu_gemv_launch("routed" if ids is not None else "shared")
+    if launch is None:
+        _gemm(a, w, out, ids, n, True, a_scale, w_scale, ref, out_scale=out_scale)
+        return
+    bn, bk, warps = launch
+    _glu_gemv_kernel[(triton.cdiv(n, bn),)](
+        a, w, out, ids if ids is not None else a, a_scale, w_scale, out_scale if out_scale is not None else a_scale,
+        ref, n, w.stride(0), w.stride(2), K=w.shape[1], SINGLE=ids is None, QUANT_OUT=out_scale is not None,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
 def down_gemv_launch() -> tuple[int, int, int] | None:
@@ -378,7 +442,7 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
         QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, EARLY=early_loads(),
         **pdl_args(x.device))
-    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
+    _glu(a, gate_up, act, ids, inter, s1, gate_up_scale, x, s2)
     return _down(act, down, ids, x, s2, down_scale, shared, fp8)
 
 
@@ -419,5 +483,5 @@ def glu_decode(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | No
     inter = weight.shape[0] // 2
     assert 0 < t <= DECODE_MAX_PAIRS
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if out_scale is not None else ref.dtype, device=x.device)
-    _gemm(x, weight.t().unsqueeze(0), act, None, inter, True, a_scale, w_scale, ref, out_scale=out_scale)
+    _glu(x, weight.t().unsqueeze(0), act, None, inter, a_scale, w_scale, ref, out_scale)
     return act
