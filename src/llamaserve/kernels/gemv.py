@@ -32,27 +32,34 @@ LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASE
 
 
 @triton.jit
+def fp8_rows_dot(w_ptrs, X, row_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rows] @ x for a program's BLOCK_N FP8 rows (`w_ptrs`: their first BLOCK_K-wide slice, K contiguous) and
+    FP8 x, float32 [BLOCK_N], unscaled. Each slice's products in float16 summed elementwise into a float16 tile,
+    reduced in float32 once at the end: FP8 -> float16 is one packed convert per two values where float32 takes
+    more, and no cross-warp reduction sits between slices. Every product of two FP8 values is exact in float16
+    (4-bit significands); x is scaled by 2**-10 (exact) so that a lane's sum of K / BLOCK_K products stays below
+    float16's 65,504 while K / BLOCK_K <= 300 (448 * 448 * 2**-10 = 196 per product); the sums round to float16's
+    11 bits, below a bf16 output's 8. K is a constexpr: the slice loop is unrolled."""
+    kk = tl.arange(0, BLOCK_K)
+    tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
+        x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
+        tile += w * x[None, :]
+    return tl.sum(tile.to(tl.float32), 1) * 1024.0
+
+
+@triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, HALF: tl.constexpr = False, KC: tl.constexpr = 0):
-    """HALF (FP8 x and W; K given again as the constexpr KC, the slice loop unrolled): each slice's products in
-    float16 summed elementwise into a float16 [BLOCK_N, BLOCK_K] tile, reduced in float32 once at the end.
-    FP8 -> float16 is one packed convert per two values where float32 takes more, and there is no cross-warp
-    reduction between slices. Every product of two FP8 values is exact in float16 (4-bit significands); x is
-    scaled by 2**-10 (exact) so that a lane's sum of K / BLOCK_K products stays below float16's 65,504 while
-    K / BLOCK_K <= 300 (448 * 448 * 2**-10 = 196 per product); the sums round to float16's 11 bits, below the
-    bf16 output's 8."""
+    """HALF (FP8 x and W; K given again as the constexpr KC): `fp8_rows_dot`'s float16 products."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + kk[None, :]
     if HALF:
-        tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
-        for k0 in tl.static_range(0, KC, BLOCK_K):
-            k_ok = (k0 + kk) < KC
-            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
-            x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
-            tile += w * x[None, :]
-        acc = tl.sum(tile.to(tl.float32), 1) * 1024.0
+        acc = fp8_rows_dot(w_ptrs, X, row_ok, KC, BLOCK_N, BLOCK_K)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):

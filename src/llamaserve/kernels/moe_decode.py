@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels import launch_from_env
+from llamaserve.kernels.gemv import fp8_rows_dot
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
@@ -177,28 +178,31 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
 
 
 @triton.jit
+def _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """A one-token GEMV program's expert (ids[0]; SINGLE: the one dense weight, 0), its FP8 scale (AScale times
+    WScale[e]), its BLOCK_N rows, their mask and their first slice's pointers (K-contiguous rows)."""
+    if SINGLE:
+        e = tl.zeros([], tl.int64)
+    else:
+        e = tl.load(Ids).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptrs = W + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    return tl.load(AScale) * tl.load(WScale + e), rows, rows < N, w_ptrs
+
+
+@triton.jit
 def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, stride_wn, K: tl.constexpr,
                       ADD: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The routed down projection of one token as a GEMV (LLAMASERVE_MOE_DOWN_GEMV): program p owns BLOCK_N
-    output features of expert ids[0]'s K-contiguous rows and walks K in BLOCK_K slices, FP8 products in float16
-    as kernels/gemv.py's HALF form (x times 2**-10, exact; one float32 reduction at the end), then both scales
-    and the shared expert's output added as `_decode_gemm_kernel` adds it."""
+    output features of expert ids[0]'s K-contiguous rows, float16 products (kernels/gemv.py `fp8_rows_dot`), then
+    both scales and the shared expert's output added as `_decode_gemm_kernel` adds it."""
     if TRIGGER:
         gdc_launch_dependents()
-    e = tl.load(Ids)
-    scale = tl.load(AScale) * tl.load(WScale + e)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    kk = tl.arange(0, BLOCK_K)
-    w_ptrs = W + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn + kk[None, :]
-    tile = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
-        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
-        a = tl.load(A + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
-        tile += w * a[None, :]
+    scale, rows, row_ok, w_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, False, BLOCK_N,
+                                               BLOCK_K)
     dt = Ref.dtype.element_ty
-    y = (tl.sum(tile.to(tl.float32), 1) * 1024.0 * scale).to(dt)
+    y = (fp8_rows_dot(w_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K) * scale).to(dt)
     if ADD:
         y = (y.to(tl.float32) + tl.load(Add + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dt)
     tl.store(Out + rows, y.to(Out.dtype.element_ty), mask=row_ok)
@@ -208,30 +212,13 @@ def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, st
 def _glu_gemv_kernel(A, W, Out, Ids, AScale, WScale, OScale, Ref, N, stride_we, stride_wn, K: tl.constexpr,
                      SINGLE: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A one-token FP8 gate-up with its SiLU-and-mul as a GEMV (LLAMASERVE_MOE_GLU_GEMV): program p owns BLOCK_N
-    gate rows of expert ids[0] (SINGLE: the one dense weight) and the matching up rows N further on (K-contiguous
-    rows), float16 products as `_down_gemv_kernel`, then `glu_out`'s roundings and FP8 output as the decode GEMM's
-    GLU epilogue."""
-    if SINGLE:
-        e = tl.zeros([], tl.int64)
-    else:
-        e = tl.load(Ids)
-    scale = tl.load(AScale) * tl.load(WScale + e)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    kk = tl.arange(0, BLOCK_K)
-    g_ptrs = W + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn + kk[None, :]
-    u_ptrs = g_ptrs + N.to(tl.int64) * stride_wn
-    gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
-    up = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
-        m = row_ok[:, None] & k_ok[None, :]
-        a = (tl.load(A + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625)[None, :]  # 2**-10
-        gate += tl.load(g_ptrs + k0, mask=m, other=0.0).to(tl.float16) * a
-        up += tl.load(u_ptrs + k0, mask=m, other=0.0).to(tl.float16) * a
-    acc = tl.reshape(tl.sum(gate.to(tl.float32), 1) * 1024.0 * scale, (1, BLOCK_N))
-    acc_u = tl.reshape(tl.sum(up.to(tl.float32), 1) * 1024.0 * scale, (1, BLOCK_N))
-    y = glu_out(acc, acc_u, Ref, OScale, QUANT_OUT)
+    gate rows of expert ids[0] (SINGLE: the one dense weight) and the matching up rows N further on, float16
+    products as `_down_gemv_kernel`, then `glu_out`'s roundings and FP8 output as the decode GEMM's GLU epilogue."""
+    scale, rows, row_ok, g_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, SINGLE, BLOCK_N,
+                                               BLOCK_K)
+    gate = fp8_rows_dot(g_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K) * scale
+    up = fp8_rows_dot(g_ptrs + N.to(tl.int64) * stride_wn, A, row_ok, K, BLOCK_N, BLOCK_K) * scale
+    y = glu_out(tl.reshape(gate, (1, BLOCK_N)), tl.reshape(up, (1, BLOCK_N)), Ref, OScale, QUANT_OUT)
     tl.store(Out + rows[None, :], y.to(Out.dtype.element_ty), mask=row_ok[None, :])
 
 
