@@ -130,6 +130,9 @@ def test_one_token_down_gemv(static, launch, device, monkeypatch):
     monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", "8x1024")
     with pytest.raises(ValueError, match="LLAMASERVE_MOE_DOWN_GEMV='8x1024'"):
         fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)
+    monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", "4x1x1")  # 320 slices of K = 320
+    with pytest.raises(ValueError, match="LLAMASERVE_MOE_DOWN_GEMV: BLOCK_K = 1 cuts K = 320 into more than 300"):
+        fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)
 
 
 def test_decode_config_override(monkeypatch):

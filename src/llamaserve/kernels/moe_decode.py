@@ -240,16 +240,24 @@ def _glu(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor 
     """A decode gate-up with SiLU-and-mul (`_gemm` with GLU), or at one FP8 token, when LLAMASERVE_MOE_GLU_GEMV asks
     for it, `_glu_gemv_kernel`."""
     launch = None
-    if a.shape[0] == 1 and w.dtype == torch.float8_e4m3fn and w.stride(1) == 1:
+    if a.shape[0] == 1 and w.dtype == torch.float8_e4m3fn and w.stride(1) == 1 and None not in (a_scale, w_scale):
         launch = glu_gemv_launch("routed" if ids is not None else "shared")
     if launch is None:
         _gemm(a, w, out, ids, n, True, a_scale, w_scale, ref, out_scale=out_scale)
         return
     bn, bk, warps = launch
+    _check_slices("LLAMASERVE_MOE_GLU_GEMV_LAUNCH", w.shape[1], bk)
     _glu_gemv_kernel[(triton.cdiv(n, bn),)](
         a, w, out, ids if ids is not None else a, a_scale, w_scale, out_scale if out_scale is not None else a_scale,
         ref, n, w.stride(0), w.stride(2), K=w.shape[1], SINGLE=ids is None, QUANT_OUT=out_scale is not None,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+
+def _check_slices(name: str, k: int, block_k: int) -> None:
+    """The float16 row dot's bound (kernels/gemv.py `fp8_rows_dot`): at most 300 slices of K per lane."""
+    if k > 300 * block_k:
+        raise ValueError(f"{name}: BLOCK_K = {block_k} cuts K = {k} into more than 300 slices (float16 sums could "
+                         f"overflow); give a BLOCK_K of at least {-(-k // 300)}")
 
 
 def down_gemv_launch() -> tuple[int, int, int] | None:
@@ -450,6 +458,7 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
     if launch is not None:
         bn, bk, warps = launch
         n, k = down.shape[2], down.shape[1]
+        _check_slices("LLAMASERVE_MOE_DOWN_GEMV", k, bk)
         dummy = out
         _down_gemv_kernel[(triton.cdiv(n, bn),)](
             act, down, out, ids, s2, down_scale, add if add is not None else dummy, x, n, down.stride(0),
