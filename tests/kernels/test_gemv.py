@@ -94,3 +94,5 @@ def test_gemv_fp8_half_extremes_do_not_overflow(device):
     assert torch.isfinite(y).all() and torch.equal(y, torch.full_like(y, -448.0 * 448.0 * k))
     with pytest.raises(ValueError, match="half=True takes FP8"):
         gemv(torch.randn(1, 64, device=device), torch.randn(8, 64, device=device), half=True)
+    with pytest.raises(ValueError, match="K = 8192, block_k = 16 .*LLAMASERVE_FP8_GEMV_HALF=0"):
+        gemv(x, w, 8, 16, 4, x_scale=one, w_scale=one, half=True)  # 512 slices: float16 sums could overflow

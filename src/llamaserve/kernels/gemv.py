@@ -87,7 +87,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
         raise ValueError("gemv: give both x_scale and w_scale, or neither")
     if half and not (x.dtype == w.dtype == torch.float8_e4m3fn and k <= 300 * block_k):
         raise ValueError(f"gemv: half=True takes FP8 x and w with K <= 300 * block_k, got {x.dtype} and {w.dtype}, "
-                         f"K = {k}, block_k = {block_k}")
+                         f"K = {k}, block_k = {block_k} (for the FP8 linears LLAMASERVE_FP8_GEMV sets block_k, "
+                         f"LLAMASERVE_FP8_GEMV_HALF=0 sums in float32 instead)")
     y = torch.empty((1, n), dtype=out_dtype or w.dtype, device=w.device)
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
