@@ -113,3 +113,47 @@ def test_refuses_unsupported_schemes(tiny_llama_dir, tmp_path):
             (d / f).write_text(json.dumps(cfg))
         with pytest.raises(ConfigError, match=match[name]):
             EngineArgs(model=str(d)).create_engine_config()
+
+
+def _one_token_logits(llm: LLM, token: int, n: int) -> torch.Tensor:
+    """The logits of a one-token decode step at position n - 1, the cache holding positions 0..n-2 (written by a
+    `prefill_logits` of them): the model's decode-sized path."""
+    from llamaserve.layers.attention import ForwardBatch
+
+    runner = llm.engine.runner
+    dev, bs = runner.device, runner.block_size
+    pos = torch.tensor([n - 1], device=dev)
+    blocks = torch.arange(-(-n // bs), device=dev)[None]
+    batch = ForwardBatch(pos, pos.clone(), blocks, torch.tensor([n], device=dev), torch.tensor([0, 1], device=dev),
+                         [n], [1], bs)
+    with torch.inference_mode():
+        return runner.model.compute_logits(runner.model(torch.tensor([token], device=dev), pos, batch))[0]
+
+
+def test_quantized_llama4_one_token_step_on_the_triton_kernels(tmp_path, small_llama4_config, monkeypatch):
+    """An FP8 Llama 4 checkpoint's one-token decode step on the Triton kernels (the CPU interpreter: norm + router,
+    routing, the decode gate-up GEMM, the routed down's float16 GEMV, split decode attention over the FP8 cache)
+    against the torch backend's logits at the same position of a whole-prompt forward."""
+    from transformers import Llama4ForCausalLM
+
+    from llamaserve.kernels import moe_decode
+
+    torch.manual_seed(0)
+    src, out = tmp_path / "l4", tmp_path / "l4-fp8"
+    Llama4ForCausalLM(small_llama4_config).save_pretrained(src)
+    assert main(["quantize", str(src), "-o", str(out), "--calib-tokens", "64"]) == 0
+    ids = torch.randint(3, 256, (37,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = LLM(str(out), num_kv_blocks=32, max_num_tokens=128, kernel_backend="torch")
+    want = prefill_logits(ref, ids)[-1]
+    downs = []
+    real = moe_decode.down_gemv_launch
+    monkeypatch.setattr(moe_decode, "down_gemv_launch", lambda: downs.append(1) or real())
+    tri = LLM(str(out), num_kv_blocks=32, max_num_tokens=128, kernel_backend="triton")
+    prefill_logits(tri, ids[:-1])
+    got = _one_token_logits(tri, ids[-1], len(ids))
+    assert downs  # the one-token routed down went through the GEMV's dispatch
+    rel = ((got - want).norm() / want.norm()).item()
+    assert got.argmax() == want.argmax() and rel < 2e-2, rel
+    monkeypatch.setenv("LLAMASERVE_MOE_DOWN_GEMV", "0")  # the same step with the down on the decode GEMM
+    gemm = _one_token_logits(tri, ids[-1], len(ids))
+    assert ((got - gemm).norm() / gemm.norm()).item() < 1e-5
