@@ -63,6 +63,16 @@ def _read_chunks_dynamic(X, n, acc, Work, BLOCK: tl.constexpr, STEPS: tl.constex
 
 
 @triton.jit
+def _segment(X, n, acc, Work, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """One segment's share for this program: fixed strided chunks, or (DYNAMIC) chunks from the work counter."""
+    if DYNAMIC:
+        acc = _read_chunks_dynamic(X, n, acc, Work, BLOCK, STEPS)
+    else:
+        acc = _read_chunks(X, n, acc, BLOCK, STEPS)
+    return acc
+
+
+@triton.jit
 def _grid_barrier(Counter, target):
     """Every program of the grid arrives (release), then spins until `target` have (acquire)."""
     tl.debug_barrier()
@@ -79,28 +89,16 @@ def _persistent_kernel(X0, X1, X2, X3, n0, n1, n2, n3, Out, Counter, BLOCK: tl.c
     """Counter[0]: the barrier's arrivals; Counter[1 + s]: segment s's next chunk (DYNAMIC)."""
     acc = tl.zeros([BLOCK], tl.float32)
     p = tl.num_programs(0)
-    if DYNAMIC:
-        acc = _read_chunks_dynamic(X0, n0, acc, Counter + 1, BLOCK, STEPS)
-    else:
-        acc = _read_chunks(X0, n0, acc, BLOCK, STEPS)
+    acc = _segment(X0, n0, acc, Counter + 1, DYNAMIC, BLOCK, STEPS)
     if BARRIER:
         _grid_barrier(Counter, p)
-    if DYNAMIC:
-        acc = _read_chunks_dynamic(X1, n1, acc, Counter + 2, BLOCK, STEPS)
-    else:
-        acc = _read_chunks(X1, n1, acc, BLOCK, STEPS)
+    acc = _segment(X1, n1, acc, Counter + 2, DYNAMIC, BLOCK, STEPS)
     if BARRIER:
         _grid_barrier(Counter, 2 * p)
-    if DYNAMIC:
-        acc = _read_chunks_dynamic(X2, n2, acc, Counter + 3, BLOCK, STEPS)
-    else:
-        acc = _read_chunks(X2, n2, acc, BLOCK, STEPS)
+    acc = _segment(X2, n2, acc, Counter + 3, DYNAMIC, BLOCK, STEPS)
     if BARRIER:
         _grid_barrier(Counter, 3 * p)
-    if DYNAMIC:
-        acc = _read_chunks_dynamic(X3, n3, acc, Counter + 4, BLOCK, STEPS)
-    else:
-        acc = _read_chunks(X3, n3, acc, BLOCK, STEPS)
+    acc = _segment(X3, n3, acc, Counter + 4, DYNAMIC, BLOCK, STEPS)
     tl.store(Out + tl.program_id(0), tl.sum(acc, 0))
 
 
