@@ -29,6 +29,7 @@ import triton.language as tl
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
 FP8_LAUNCH = (8, 1024, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweep of Scout's qkv (gemv_bench.py)
 LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASERVE_FP8_GEMV spell a launch
+HALF_MAX_SLICES = 300  # `fp8_rows_dot`: K / BLOCK_K products per float16 lane at most (196 each, under 65,504)
 
 
 @triton.jit
@@ -85,10 +86,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
                          f"(strides {x.stride()}) and w {tuple(w.shape)} (strides {w.stride()})")
     if (x_scale is None) != (w_scale is None):
         raise ValueError("gemv: give both x_scale and w_scale, or neither")
-    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn and k <= 300 * block_k):
-        raise ValueError(f"gemv: half=True takes FP8 x and w with K <= 300 * block_k, got {x.dtype} and {w.dtype}, "
-                         f"K = {k}, block_k = {block_k} (for the FP8 linears LLAMASERVE_FP8_GEMV sets block_k, "
-                         f"LLAMASERVE_FP8_GEMV_HALF=0 sums in float32 instead)")
+    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn and k <= HALF_MAX_SLICES * block_k):
+        raise ValueError(f"gemv: half=True takes FP8 x and w with K <= {HALF_MAX_SLICES} * block_k, got {x.dtype} "
+                         f"and {w.dtype}, K = {k}, block_k = {block_k} (for the FP8 linears LLAMASERVE_FP8_GEMV sets "
+                         f"block_k, LLAMASERVE_FP8_GEMV_HALF=0 sums in float32 instead)")
     y = torch.empty((1, n), dtype=out_dtype or w.dtype, device=w.device)
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,

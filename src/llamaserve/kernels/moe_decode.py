@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels import launch_from_env
-from llamaserve.kernels.gemv import fp8_rows_dot
+from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
@@ -254,10 +254,10 @@ def _glu(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor 
 
 
 def _check_slices(name: str, k: int, block_k: int) -> None:
-    """The float16 row dot's bound (kernels/gemv.py `fp8_rows_dot`): at most 300 slices of K per lane."""
-    if k > 300 * block_k:
-        raise ValueError(f"{name}: BLOCK_K = {block_k} cuts K = {k} into more than 300 slices (float16 sums could "
-                         f"overflow); give a BLOCK_K of at least {-(-k // 300)}")
+    """The float16 row dot's bound (kernels/gemv.py `fp8_rows_dot`, HALF_MAX_SLICES slices of K per lane)."""
+    if k > HALF_MAX_SLICES * block_k:
+        raise ValueError(f"{name}: BLOCK_K = {block_k} cuts K = {k} into more than {HALF_MAX_SLICES} slices "
+                         f"(float16 sums could overflow); give a BLOCK_K of at least {-(-k // HALF_MAX_SLICES)}")
 
 
 def down_gemv_launch() -> tuple[int, int, int] | None:
@@ -459,9 +459,8 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
         bn, bk, warps = launch
         n, k = down.shape[2], down.shape[1]
         _check_slices("LLAMASERVE_MOE_DOWN_GEMV", k, bk)
-        dummy = out
         _down_gemv_kernel[(triton.cdiv(n, bn),)](
-            act, down, out, ids, s2, down_scale, add if add is not None else dummy, x, n, down.stride(0),
+            act, down, out, ids, s2, down_scale, add if add is not None else out, x, n, down.stride(0),
             down.stride(2), K=k, ADD=add is not None, TRIGGER=trigger_early(x.device), BLOCK_N=bn, BLOCK_K=bk,
             num_warps=warps)
         return out
