@@ -320,11 +320,12 @@ def test_shared_expert_glu_kernel_matches_the_mlp(t, device):
     assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.float32 else 3e-2)
 
 
-@pytest.mark.parametrize("switch,launch", [("1", None), ("routed", "2x64x2"), ("shared", "4x128x4")])
-def test_one_token_glu_gemv(switch, launch, device, monkeypatch):
+@pytest.mark.parametrize("switch,launch,one_x", [("1", None, "1"), ("routed", "2x64x2", "0"), ("shared", "4x128x4", "1")])
+def test_one_token_glu_gemv(switch, launch, one_x, device, monkeypatch):
     """LLAMASERVE_MOE_GLU_GEMV (off by default, an A/B switch): a one-token FP8 gate-up with its SiLU-and-mul as the
     float16-product GEMV, routed (`fused_moe`) or shared (`glu_decode`): against the decode GEMM's result (static
-    FP8 output scale) and the step-for-step FP8 reference; two tokens and an unknown value are handled."""
+    FP8 output scale) and the step-for-step FP8 reference; two tokens and an unknown value are handled. `one_x`:
+    LLAMASERVE_MOE_GLU_GEMV_ONE_X, x loaded once for both row bands (`fp8_rows_dot2`) or once per band."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     e, h, inter = 3, 320, 96  # K = 320: not a multiple of the 128-wide slices
     x, gate_up, down, logits, shared = _inputs(1, h, inter, e, device, 11, dtype)
@@ -338,6 +339,7 @@ def test_one_token_glu_gemv(switch, launch, device, monkeypatch):
     monkeypatch.setattr(moe_decode, "_gemm", lambda *a, **k: calls.append(a[5]) or real_gemm(*a, **k))
     if launch is not None:
         monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV_LAUNCH", launch)
+    monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV_ONE_X", one_x)
     # the routed experts
     monkeypatch.setenv("LLAMASERVE_MOE_GLU_GEMV", "0")
     base = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared).float()

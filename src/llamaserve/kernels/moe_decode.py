@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels import launch_from_env
-from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot
+from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot, fp8_rows_dot2
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
@@ -210,14 +210,20 @@ def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, st
 
 @triton.jit
 def _glu_gemv_kernel(A, W, Out, Ids, AScale, WScale, OScale, Ref, N, stride_we, stride_wn, K: tl.constexpr,
-                     SINGLE: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SINGLE: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ONE_X: tl.constexpr = True):
     """A one-token FP8 gate-up with its SiLU-and-mul as a GEMV (LLAMASERVE_MOE_GLU_GEMV): program p owns BLOCK_N
     gate rows of expert ids[0] (SINGLE: the one dense weight) and the matching up rows N further on, float16
     products as `_down_gemv_kernel`, then `glu_out`'s roundings and FP8 output as the decode GEMM's GLU epilogue."""
     scale, rows, row_ok, g_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, SINGLE, BLOCK_N,
                                                BLOCK_K)
-    gate = fp8_rows_dot(g_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K) * scale
-    up = fp8_rows_dot(g_ptrs + N.to(tl.int64) * stride_wn, A, row_ok, K, BLOCK_N, BLOCK_K) * scale
+    up_off = N.to(tl.int64) * stride_wn
+    if ONE_X:  # each x slice loaded once for the gate and the up rows
+        gate, up = fp8_rows_dot2(g_ptrs, up_off, A, row_ok, K, BLOCK_N, BLOCK_K)
+    else:
+        gate = fp8_rows_dot(g_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K)
+        up = fp8_rows_dot(g_ptrs + up_off, A, row_ok, K, BLOCK_N, BLOCK_K)
+    gate, up = gate * scale, up * scale
     y = glu_out(tl.reshape(gate, (1, BLOCK_N)), tl.reshape(up, (1, BLOCK_N)), Ref, OScale, QUANT_OUT)
     tl.store(Out + rows[None, :], y.to(Out.dtype.element_ty), mask=row_ok[None, :])
 
@@ -250,7 +256,7 @@ def _glu(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor 
     _glu_gemv_kernel[(triton.cdiv(n, bn),)](
         a, w, out, ids if ids is not None else a, a_scale, w_scale, out_scale if out_scale is not None else a_scale,
         ref, n, w.stride(0), w.stride(2), K=w.shape[1], SINGLE=ids is None, QUANT_OUT=out_scale is not None,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        BLOCK_N=bn, BLOCK_K=bk, ONE_X=os.environ.get("LLAMASERVE_MOE_GLU_GEMV_ONE_X", "1") != "0", num_warps=warps)
 
 
 def _check_slices(name: str, k: int, block_k: int) -> None:
