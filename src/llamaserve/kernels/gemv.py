@@ -52,24 +52,6 @@ def fp8_rows_dot(w_ptrs, X, row_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def fp8_rows_dot2(w_ptrs, off, X, row_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`fp8_rows_dot` of two row bands (`w_ptrs` and `w_ptrs + off`: a gate row and its up row) against one x,
-    each x slice loaded once for both. The slice loop is written out here as in `fp8_rows_dot`, not shared through
-    a helper: a helper taking the slice offset as an argument lost the constant masks' alignment, so its loads were
-    not vectorized (the step 0.13 ms slower, 5.285 against 5.152-5.155 ms, one lease, 2026-12-01)."""
-    kk = tl.arange(0, BLOCK_K)
-    t1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
-    t2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float16)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
-        mask = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(X + k0 + kk, mask=k_ok, other=0.0).to(tl.float16) * 0.0009765625  # 2**-10
-        t1 += tl.load(w_ptrs + k0, mask=mask, other=0.0).to(tl.float16) * x[None, :]
-        t2 += tl.load(w_ptrs + off + k0, mask=mask, other=0.0).to(tl.float16) * x[None, :]
-    return tl.sum(t1.to(tl.float32), 1) * 1024.0, tl.sum(t2.to(tl.float32), 1) * 1024.0
-
-
-@triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, HALF: tl.constexpr = False, KC: tl.constexpr = 0):
     """HALF (FP8 x and W; K given again as the constexpr KC): `fp8_rows_dot`'s float16 products."""

@@ -18,8 +18,7 @@ row, so three kernels do the whole step:
    token with FP8 experts, `_down_gemv_kernel` instead (a GEMV with float16 products, as kernels/gemv.py's HALF
    form: alone on Scout's [5,120 x 8,192] 12.7 us against the decode GEMM's 15.0; in the step 0.05-0.10 ms
    faster, 5.167 / 5.171 against 5.268 ms, H200 2026-12-01; LLAMASERVE_MOE_DOWN_GEMV=0 turns it off). The
-   gate-ups have the same form, `_glu_gemv_kernel` with the GLU epilogue, behind LLAMASERVE_MOE_GLU_GEMV
-   (routed / shared / 1; off: written and tested on the CPU on 2026-12-01, not yet timed in a step).
+   gate-ups in that form (with the GLU epilogue) lost in the step and were removed (docs/performance.md).
 
 `router_logits` computes the router's logits for such steps in one kernel (`norm_router`: with the RMSNorm before
 it, one launch), and `glu_decode` runs a dense gate-up
@@ -39,13 +38,12 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels import launch_from_env
-from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot, fp8_rows_dot2
+from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 DOWN_GEMV_LAUNCH = (4, 1024, 4)  # the one-token routed down as a GEMV: (BLOCK_N, BLOCK_K, warps)
-GLU_GEMV_LAUNCH = (4, 512, 4)  # a one-token gate-up as a GEMV (gemv_bench.py's best alone, without SiLU)
 SMEM_BYTES = 200 * 1024
 
 
@@ -178,14 +176,10 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
 
 
 @triton.jit
-def _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """A one-token GEMV program's expert (ids[0]; SINGLE: the one dense weight, 0), its FP8 scale (AScale times
-    WScale[e]), its BLOCK_N rows, their mask and their first slice's pointers (K-contiguous rows)."""
-    if SINGLE:
-        e = tl.zeros([], tl.int64)
-    else:
-        e = tl.load(Ids).to(tl.int64)
+def _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A one-token GEMV program's expert (ids[0]), its FP8 scale (AScale times WScale[e]), its BLOCK_N rows, their
+    mask and their first slice's pointers (K-contiguous rows)."""
+    e = tl.load(Ids).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_ptrs = W + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     return tl.load(AScale) * tl.load(WScale + e), rows, rows < N, w_ptrs
@@ -199,64 +193,12 @@ def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, st
     both scales and the shared expert's output added as `_decode_gemm_kernel` adds it."""
     if TRIGGER:
         gdc_launch_dependents()
-    scale, rows, row_ok, w_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, False, BLOCK_N,
-                                               BLOCK_K)
+    scale, rows, row_ok, w_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, BLOCK_N, BLOCK_K)
     dt = Ref.dtype.element_ty
     y = (fp8_rows_dot(w_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K) * scale).to(dt)
     if ADD:
         y = (y.to(tl.float32) + tl.load(Add + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dt)
     tl.store(Out + rows, y.to(Out.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def _glu_gemv_kernel(A, W, Out, Ids, AScale, WScale, OScale, Ref, N, stride_we, stride_wn, K: tl.constexpr,
-                     SINGLE: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ONE_X: tl.constexpr = True):
-    """A one-token FP8 gate-up with its SiLU-and-mul as a GEMV (LLAMASERVE_MOE_GLU_GEMV): program p owns BLOCK_N
-    gate rows of expert ids[0] (SINGLE: the one dense weight) and the matching up rows N further on, float16
-    products as `_down_gemv_kernel`, then `glu_out`'s roundings and FP8 output as the decode GEMM's GLU epilogue."""
-    scale, rows, row_ok, g_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, SINGLE, BLOCK_N,
-                                               BLOCK_K)
-    up_off = N.to(tl.int64) * stride_wn
-    if ONE_X:  # each x slice loaded once for the gate and the up rows
-        gate, up = fp8_rows_dot2(g_ptrs, up_off, A, row_ok, K, BLOCK_N, BLOCK_K)
-    else:
-        gate = fp8_rows_dot(g_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K)
-        up = fp8_rows_dot(g_ptrs + up_off, A, row_ok, K, BLOCK_N, BLOCK_K)
-    gate, up = gate * scale, up * scale
-    y = glu_out(tl.reshape(gate, (1, BLOCK_N)), tl.reshape(up, (1, BLOCK_N)), Ref, OScale, QUANT_OUT)
-    tl.store(Out + rows[None, :], y.to(Out.dtype.element_ty), mask=row_ok[None, :])
-
-
-def glu_gemv_launch(kind: str) -> tuple[int, int, int] | None:
-    """LLAMASERVE_MOE_GLU_GEMV (an A/B switch, not yet timed in a step): unset or 0, the decode GEMM takes one-token
-    FP8 gate-ups; `routed`, `shared` or `1` (both) put that gate-up on `_glu_gemv_kernel` at GLU_GEMV_LAUNCH
-    (LLAMASERVE_MOE_GLU_GEMV_LAUNCH=BLOCK_NxBLOCK_KxWARPS sets another). `kind`: routed or shared."""
-    value = os.environ.get("LLAMASERVE_MOE_GLU_GEMV", "0")
-    if value not in ("0", "1", "routed", "shared"):
-        raise ValueError(f"LLAMASERVE_MOE_GLU_GEMV={value!r}: expected 0, 1, routed or shared")
-    if value == "0" or value not in ("1", kind):
-        return None
-    return launch_from_env("LLAMASERVE_MOE_GLU_GEMV_LAUNCH", GLU_GEMV_LAUNCH, "BLOCK_NxBLOCK_KxWARPS")
-
-
-def _glu(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int,
-         a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
-         out_scale: torch.Tensor | None) -> None:
-    """A decode gate-up with SiLU-and-mul (`_gemm` with GLU), or at one FP8 token, when LLAMASERVE_MOE_GLU_GEMV asks
-    for it, `_glu_gemv_kernel`."""
-    launch = None
-    if a.shape[0] == 1 and w.dtype == torch.float8_e4m3fn and w.stride(1) == 1 and None not in (a_scale, w_scale):
-        launch = glu_gemv_launch("routed" if ids is not None else "shared")
-    if launch is None:
-        _gemm(a, w, out, ids, n, True, a_scale, w_scale, ref, out_scale=out_scale)
-        return
-    bn, bk, warps = launch
-    _check_slices("LLAMASERVE_MOE_GLU_GEMV_LAUNCH", w.shape[1], bk)
-    _glu_gemv_kernel[(triton.cdiv(n, bn),)](
-        a, w, out, ids if ids is not None else a, a_scale, w_scale, out_scale if out_scale is not None else a_scale,
-        ref, n, w.stride(0), w.stride(2), K=w.shape[1], SINGLE=ids is None, QUANT_OUT=out_scale is not None,
-        BLOCK_N=bn, BLOCK_K=bk, ONE_X=os.environ.get("LLAMASERVE_MOE_GLU_GEMV_ONE_X", "1") != "0", num_warps=warps)
 
 
 def _check_slices(name: str, k: int, block_k: int) -> None:
@@ -443,7 +385,7 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
         QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, EARLY=early_loads(),
         **pdl_args(x.device))
-    _glu(a, gate_up, act, ids, inter, s1, gate_up_scale, x, s2)
+    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
     return _down(act, down, ids, x, s2, down_scale, shared, fp8)
 
 
@@ -484,5 +426,5 @@ def glu_decode(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | No
     inter = weight.shape[0] // 2
     assert 0 < t <= DECODE_MAX_PAIRS
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if out_scale is not None else ref.dtype, device=x.device)
-    _glu(x, weight.t().unsqueeze(0), act, None, inter, a_scale, w_scale, ref, out_scale)
+    _gemm(x, weight.t().unsqueeze(0), act, None, inter, True, a_scale, w_scale, ref, out_scale=out_scale)
     return act
