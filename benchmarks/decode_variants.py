@@ -4,7 +4,7 @@
     # each argument: comma-separated NAME=VALUE settings (or "default"); writes $OUT/decode_variants.json
 
 For each variant the settings are put in the environment, batch 1's CUDA graph is captured again (the switches
-are read while a graph is captured), and one request of 128 prompt tokens decodes: 3 rounds of 40 steps timed
+are read while a graph is captured), and one request of 128 prompt tokens (PROMPT_LEN sets another) decodes: 3 rounds of 40 steps timed
 with a device sync at each end (median reported), FP8 weights and FP8 KV cache (`--quantization fp8`).
 """
 
@@ -22,9 +22,9 @@ from llamaserve import LLM, SamplingParams
 from llamaserve.executor.cuda_graphs import CudaGraphRunner
 
 
-def step_ms(llm: LLM, rounds: int = 3, steps: int = 40) -> list[float]:
+def step_ms(llm: LLM, prompt_len: int, rounds: int = 3, steps: int = 40) -> list[float]:
     params = SamplingParams(max_tokens=rounds * steps + 20, ignore_eos=True, temperature=0)
-    llm.add_request([(7 * j) % 100000 + 10 for j in range(128)], params)
+    llm.add_request([(7 * j) % 100000 + 10 for j in range(prompt_len)], params)
     for _ in range(8):  # prefill, settle into decode
         llm.step()
     times = []
@@ -45,6 +45,7 @@ def main() -> None:
     llm = LLM(model, load_format="dummy", quantization="fp8", kv_cache_dtype="fp8", max_seq_len=2304,
               max_batch_size=1, kv_cache_free_gpu_memory_fraction=0.5)
     runner = llm.engine.runner
+    prompt_len = int(os.environ.get("PROMPT_LEN", "128"))
     results = []
     for spec in sys.argv[1:] or ["default"]:
         env = dict(kv.split("=", 1) for kv in spec.split(",")) if spec != "default" else {}
@@ -58,7 +59,7 @@ def main() -> None:
                                         -(-llm.config.scheduler_config.max_seq_len // runner.block_size),
                                         runner.num_blocks * runner.block_size, runner.device)
         runner.graphs.capture(quiet=True)
-        times = step_ms(llm)
+        times = step_ms(llm, prompt_len)
         res = {"variant": spec, "step_ms_median": round(statistics.median(times), 4), "rounds_ms": times}
         print(json.dumps(res), flush=True)
         results.append(res)
@@ -67,7 +68,8 @@ def main() -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    out = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": 1, "results": results}
+    out = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": 1, "prompt_len": prompt_len,
+           "results": results}
     with open(os.path.join(os.environ.get("OUT", "."), "decode_variants.json"), "w") as f:
         json.dump(out, f, indent=1)
 

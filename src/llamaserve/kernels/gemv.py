@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llamaserve.kernels.pdl import gdc_launch_dependents
+
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
 FP8_LAUNCH = (8, 1024, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweep of Scout's qkv (gemv_bench.py)
 LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASERVE_FP8_GEMV spell a launch
@@ -53,8 +55,12 @@ def fp8_rows_dot(w_ptrs, X, row_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOC
 
 @triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HALF: tl.constexpr = False, KC: tl.constexpr = 0):
-    """HALF (FP8 x and W; K given again as the constexpr KC): `fp8_rows_dot`'s float16 products."""
+                 BLOCK_K: tl.constexpr, HALF: tl.constexpr = False, KC: tl.constexpr = 0,
+                 TRIGGER: tl.constexpr = False):
+    """HALF (FP8 x and W; K given again as the constexpr KC): `fp8_rows_dot`'s float16 products. TRIGGER: let the
+    next kernel, a PDL launch, start early (kernels/pdl.py `trigger_early`)."""
+    if TRIGGER:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
@@ -75,10 +81,11 @@ def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
          num_warps: int = NUM_WARPS, x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, half: bool = False) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, half: bool = False, trigger: bool = False) -> torch.Tensor:
     """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
     FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale.
-    `half`: FP8 x and w only, float16 products (the kernel's HALF; compiled once per K)."""
+    `half`: FP8 x and w only, float16 products (the kernel's HALF; compiled once per K). `trigger`: call
+    `gdc_launch_dependents` first (only where kernels/pdl.py `trigger_early` holds)."""
     m, k = x.shape
     n = w.shape[0]
     if m != 1 or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
@@ -94,7 +101,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
     scaled = x_scale is not None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
                                              w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             HALF=half, KC=k if half else 0, num_warps=num_warps)
+                                             HALF=half, KC=k if half else 0, TRIGGER=trigger,
+                                             num_warps=num_warps)
     return y
 
 
