@@ -4,7 +4,8 @@
     # each argument: comma-separated NAME=VALUE settings (or "default"); writes $OUT/decode_variants.json
 
 For each variant the settings are put in the environment, batch 1's CUDA graph is captured again (the switches
-are read while a graph is captured), and one request of 128 prompt tokens (PROMPT_LEN sets another) decodes: 3 rounds of 40 steps timed
+are read while a graph is captured), and one request of 128 prompt tokens (PROMPT_LEN sets another) decodes:
+3 rounds of 40 steps timed
 with a device sync at each end (median reported), FP8 weights and FP8 KV cache (`--quantization fp8`).
 """
 
