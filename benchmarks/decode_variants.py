@@ -5,8 +5,8 @@
 
 For each variant the settings are put in the environment, batch 1's CUDA graph is captured again (the switches
 are read while a graph is captured), and one request of 128 prompt tokens (PROMPT_LEN sets another) decodes:
-3 rounds of 40 steps timed
-with a device sync at each end (median reported), FP8 weights and FP8 KV cache (`--quantization fp8`).
+3 rounds of 40 steps timed with a device sync at each end (median reported), FP8 weights and FP8 KV cache
+(`--quantization fp8`).
 """
 
 from __future__ import annotations
