@@ -67,48 +67,6 @@ def test_split_kv_decode(num_splits, fused, sparse, device, monkeypatch):
         assert not pa.split_counters(device, 8).any()
 
 
-@pytest.mark.parametrize("split_min", ["32", "100", "1000"])
-def test_split_min_keys(split_min, device, monkeypatch):
-    """LLAMASERVE_ATTN_SPLIT_MIN: each split takes at least that many keys (rounded up to the key tile), so short
-    contexts use fewer splits, and a context within one range is done by split 0 alone, which writes the output
-    (no partials, no merge; the arrival counters stay zero). Same outputs as the reference, FP8 cache included,
-    chunked attention too, and with RoPE and the KV write inside the kernel (the same cache bytes)."""
-    from llamaserve.kernels import paged_attention as pa
-    from llamaserve.kernels import rope_kv
-    from llamaserve.layers.rotary import RotaryEmbedding
-
-    monkeypatch.setenv("LLAMASERVE_ATTN_SPLIT_MIN", split_min)
-    for _ in range(2):  # a second launch finds the counters zero
-        _check_case((8, 2, 64, 16, [(300, 1), (5, 1), (1, 1), (129, 1)]), "model", device, num_splits=16)
-        _check_case((4, 1, 32, 16, [(70, 1), (33, 1)]), "fp8", device, num_splits=4)
-        _check_case((8, 2, 64, 16, [(100, 1), (33, 1), (96, 1), (7, 1)]), "model", device, num_splits=4,
-                    chunk_size=48)
-    assert not pa.split_counters(device, 8).any()
-    hq, hkv, d, bs = 8, 2, 64, 16
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
-    ctx = [40, 17, 1, 33, 150]
-    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 2
-    batch = _batch(ctx, [1] * len(ctx), bs, num_blocks, device, gen)
-    cache = (torch.randn(2, num_blocks * bs, hkv, d, generator=gen) * 3).to(device, dtype).to(torch.float8_e4m3fn)
-    qkv = torch.randn(len(ctx), (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
-    rot = RotaryEmbedding(d, 256, 10000.0, {}).to(device)
-    rope = pa.RopeInputs(batch.positions, batch.slot_mapping, rot.cos_cache, rot.sin_cache, qk_norm_eps=1e-5)
-    want_cache = cache.clone()
-    q = rope_kv.rope_and_write_kv(qkv, rope.positions, rope.cos, rope.sin, want_cache, rope.slot_mapping, hq, hkv,
-                                  d, 0.05, 0.08, rope.rope, rope.qk_norm_eps, rope.temperature)
-    args = (batch.block_tables, batch.seq_lens, batch.query_start_loc, [1] * len(ctx), bs, d**-0.5, 0.05, 0.08)
-    want = paged_attention(q, want_cache, *args, num_splits=1).float()
-    got_cache = cache.clone()
-    got = paged_attention(qkv, got_cache, *args, num_splits=8, rope=rope).float()
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))
-    monkeypatch.setenv("LLAMASERVE_ATTN_SPLIT_MIN", "many")
-    with pytest.raises(ValueError, match="LLAMASERVE_ATTN_SPLIT_MIN='many'"):
-        paged_attention(q, want_cache, *args, num_splits=8)
-
-
 @pytest.mark.parametrize("local", [{"chunk_size": 32}, {"chunk_size": 48}, {"sliding_window": 20}])
 @pytest.mark.parametrize("num_splits", [None, 4])
 def test_local_attention(local, num_splits, device):

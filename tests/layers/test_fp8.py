@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llamaserve import LLM, SamplingParams
+from llamaserve.kernels.pdl import pdl_args
 from llamaserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from llamaserve.layers.quantization import FP8, QuantConfig, dynamic_scale, quantize_fp8, reference_fp8_linear
 from tests.conftest import LONG_TEXT
@@ -123,7 +124,8 @@ def test_small_m_mode_is_checked(monkeypatch):
 def test_one_token_gemv_dispatch(monkeypatch):
     """A marked layer's one-row call takes kernels/gemv.py, an unmarked one's or a two-row call cuBLAS; all match the
     reference. LLAMASERVE_FP8_SMALL_M=cublas turns the GEMV off, =gemv on for every layer; the GEMV multiplies in
-    float16 unless LLAMASERVE_FP8_GEMV_HALF=0. (320 outputs: cuBLAS's FP8 GEMM wants both dimensions divisible by
+    float16 unless LLAMASERVE_FP8_GEMV_HALF=0, and calls `gdc_launch_dependents` first unless
+    LLAMASERVE_GEMV_TRIGGER=0 (where PDL runs). (320 outputs: cuBLAS's FP8 GEMM wants both dimensions divisible by
     16.)"""
     from llamaserve.kernels import gemv
 
@@ -134,13 +136,18 @@ def test_one_token_gemv_dispatch(monkeypatch):
     layer.finalize()
     calls = []
     real = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append((a[0].shape[0], k["half"])) or real(*a, **k))
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append((a[0].shape[0], k["half"], k["trigger"]))
+                        or real(*a, **k))
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     sx = layer.static_input_scale
+    pdl = bool(pdl_args(x.device))  # the GEMV lets its PDL dependent launch early where PDL runs
     for rows, marked, mode, half, want_calls in (
-            (1, True, "auto", None, [(1, True)]), (2, True, "auto", None, []), (1, False, "auto", None, []),
-            (1, True, "cublas", None, []), (1, False, "gemv", None, [(1, True)]), (1, True, "auto", "0", [(1, False)])):
+            (1, True, "auto", None, [(1, True, pdl)]), (2, True, "auto", None, []), (1, False, "auto", None, []),
+            (1, True, "cublas", None, []), (1, False, "gemv", None, [(1, True, pdl)]),
+            (1, True, "auto", "0", [(1, False, pdl)]), (1, True, "auto", "no-trigger", [(1, True, False)])):
         calls.clear()
+        monkeypatch.setenv("LLAMASERVE_GEMV_TRIGGER", "0" if half == "no-trigger" else "1")
+        half = None if half == "no-trigger" else half
         monkeypatch.setenv("LLAMASERVE_FP8_SMALL_M", mode)
         if half is None:  # float16 products by default; LLAMASERVE_FP8_GEMV_HALF=0: float32
             monkeypatch.delenv("LLAMASERVE_FP8_GEMV_HALF", raising=False)

@@ -29,7 +29,7 @@ import triton.language as tl
 from llamaserve.kernels.pdl import gdc_launch_dependents
 
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
-FP8_LAUNCH = (8, 1024, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweep of Scout's qkv (gemv_bench.py)
+FP8_LAUNCH = (8, 512, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweeps in Scout's step (docs/performance.md)
 LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASERVE_FP8_GEMV spell a launch
 HALF_MAX_SLICES = 300  # `fp8_rows_dot`: K / BLOCK_K products per float16 lane at most (196 each, under 65,504)
 

@@ -94,7 +94,6 @@ def _paged_attn_kernel(
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
     NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-    SPLIT_MIN: tl.constexpr = 0,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,14 +123,8 @@ def _paged_attn_kernel(
         q_lo = tl.maximum(q_pos - window + 1, 0)
         lo = tl.maximum(ctx - q_len + tok0 - window + 1, 0) // BLOCK_N * BLOCK_N
     hi = last
-    one = True  # this tile's keys fit one split: split 0 writes the output itself, the other splits return
     if NUM_SPLITS > 1:
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(last - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N, SPLIT_MIN)
-        one = False
-        if FUSED_COMBINE:  # (the combine kernel reads every split's partials)
-            one = last - lo <= chunk
-            if one & (split > 0):
-                return
+        chunk = tl.cdiv(tl.cdiv(last - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(last, lo + chunk)
     out_s = None
@@ -198,10 +191,7 @@ def _paged_attn_kernel(
                                     BLOCK_N, PAGE, FP8, PREC, True, blk_lo, n0 == lo)
     if FP8:
         acc = acc * v_scale
-    if one:  # no splits, or split 0 holds every key of the tile: no partials, no merge
-        _store_rows(Out, OutScale, acc, l_i, q_start, tok, head, row_ok, d, d_ok, stride_ot, stride_oh,
-                    HAS_OUT_SCALE, out_s, out_ty)
-    else:  # partial results for the merge: [tile, kv_head, split, row, d] and (m, l)
+    if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
         base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
         if SPARSE_MERGE:  # only the rows of real queries, and nothing from a split with no keys (its m is -inf)
             tl.store(Part + (base + rows)[:, None] * BLOCK_D + d[None, :], acc,
@@ -218,19 +208,14 @@ def _paged_attn_kernel(
                 _combine_tile(Part, PartML, Out, OutScale, Q, tile * tl.num_programs(1) + kv_head,
                               q_start, tok, head, row_ok, rows, d, stride_ot, stride_oh, BLOCK_M, HEAD_DIM, BLOCK_D,
                               NUM_SPLITS, HAS_OUT_SCALE, SPARSE_MERGE, out_s)
-
-
-@triton.jit
-def _store_rows(Out, OutScale, acc, l_i, q_start, tok, head, row_ok, d, d_ok, stride_ot, stride_oh,
-                HAS_OUT_SCALE: tl.constexpr, out_s, out_ty: tl.constexpr):
-    """A program's normalized output rows (acc / l), FP8 with OutScale (loaded here unless given as out_s)."""
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if HAS_OUT_SCALE:
-        if out_s is None:
-            out_s = tl.load(OutScale)
-        out = round_e4m3(out.to(out_ty).to(tl.float32) / out_s)
-    o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if HAS_OUT_SCALE:
+            if out_s is None:
+                out_s = tl.load(OutScale)
+            out = round_e4m3(out.to(out_ty).to(tl.float32) / out_s)
+        o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -304,17 +289,6 @@ def num_splits_for(num_programs: int, max_query_len: int) -> int:
     if max_query_len != 1 or num_programs >= 128:
         return 1
     return min(16, triton.next_power_of_2(max(1, 256 // num_programs)))
-
-
-def split_min(block_n: int) -> int:
-    """The fewest keys a split takes (a multiple of `block_n`): a split decode's keys are cut into NUM_SPLITS
-    ranges of at least this many, so a short context runs in fewer splits, and one that fits a single range in
-    one program that writes its output itself (no partials, no merge). LLAMASERVE_ATTN_SPLIT_MIN (keys; 0: one
-    key tile)."""
-    keys = os.environ.get("LLAMASERVE_ATTN_SPLIT_MIN", "0")
-    if not keys.isdigit():
-        raise ValueError(f"LLAMASERVE_ATTN_SPLIT_MIN={keys!r}: expected a number of keys (0 or more)")
-    return -(-int(keys) // block_n) * block_n
 
 
 def tile_table(query_lens: list[int], tok_per_tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,7 +418,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
-        SPARSE_MERGE=sparse, EARLY=early_loads(), SPLIT_MIN=split_min(block_n), **pdl_args(q.device),
+        SPARSE_MERGE=sparse, EARLY=early_loads(), **pdl_args(q.device),
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )

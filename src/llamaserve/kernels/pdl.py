@@ -45,7 +45,9 @@ def trigger_early(device: torch.device) -> bool:
     with PDL) may launch as soon as every program of this one has started, and run the part before its
     `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs;
     LLAMASERVE_PDL_TRIGGER=0 turns it off (an A/B switch). Used by the routed down GEMM of a decode MoE step (its
-    dependent: the next layer's input norm) and norm + router (the routing kernel)."""
+    dependent: the next layer's input norm), norm + router (the routing kernel) and the one-token FP8 GEMVs
+    (kernels/gemv.py: qkv before split attention, o before norm + router; LLAMASERVE_GEMV_TRIGGER=0 turns
+    theirs off: Scout's step 0.13 ms faster with it, docs/performance.md)."""
     return bool(pdl_args(device)) and os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
 
 

@@ -192,7 +192,7 @@ class Fp8LinearMethod:
             launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
             y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
                           out_dtype=layer.out_dtype, half=os.environ.get("LLAMASERVE_FP8_GEMV_HALF", "1") != "0",
-                          trigger=os.environ.get("LLAMASERVE_GEMV_TRIGGER", "0") == "1" and trigger_early(xq.device))
+                          trigger=os.environ.get("LLAMASERVE_GEMV_TRIGGER", "1") != "0" and trigger_early(xq.device))
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv
