@@ -92,8 +92,10 @@ def test_one_token_down_gemv(static, launch, device, monkeypatch):
     """A one-token FP8 step's routed down projection as the float16-product GEMV (the default; the decode GEMM
     still takes the gate-up; LLAMASERVE_MOE_DOWN_GEMV=0 puts the down back on it, 1 or a launch picks the GEMV's):
     against the step-for-step FP8 reference and the decode GEMM's result, with the shared output added and
-    without; a malformed launch names itself. Two tokens keep the decode GEMM."""
+    without; a malformed launch names itself. Two tokens keep the decode GEMM. The "4x64x2" launch runs as a PDL
+    dependent too (LLAMASERVE_GEMV_PDL=1; where PDL runs, on Hopper GPUs)."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    monkeypatch.setenv("LLAMASERVE_GEMV_PDL", "1" if launch == "4x64x2" else "0")
     e, h, inter = 4, 96, 320  # K = 320: not a multiple of the 64-wide slices
     x, gate_up, down, logits, shared = _inputs(1, h, inter, e, device, 7, dtype)
     gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448

@@ -144,10 +144,12 @@ def test_one_token_gemv_dispatch(monkeypatch):
     for rows, marked, mode, half, want_calls in (
             (1, True, "auto", None, [(1, True, pdl)]), (2, True, "auto", None, []), (1, False, "auto", None, []),
             (1, True, "cublas", None, []), (1, False, "gemv", None, [(1, True, pdl)]),
-            (1, True, "auto", "0", [(1, False, pdl)]), (1, True, "auto", "no-trigger", [(1, True, False)])):
+            (1, True, "auto", "0", [(1, False, pdl)]), (1, True, "auto", "no-trigger", [(1, True, False)]),
+            (1, True, "auto", "pdl", [(1, True, pdl)])):
         calls.clear()
         monkeypatch.setenv("LLAMASERVE_GEMV_TRIGGER", "0" if half == "no-trigger" else "1")
-        half = None if half == "no-trigger" else half
+        monkeypatch.setenv("LLAMASERVE_GEMV_PDL", "1" if half == "pdl" else "0")  # launched as a PDL dependent
+        half = None if half in ("no-trigger", "pdl") else half
         monkeypatch.setenv("LLAMASERVE_FP8_SMALL_M", mode)
         if half is None:  # float16 products by default; LLAMASERVE_FP8_GEMV_HALF=0: float32
             monkeypatch.delenv("LLAMASERVE_FP8_GEMV_HALF", raising=False)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels.pdl import gdc_launch_dependents
+from llamaserve.kernels.pdl import gdc_launch_dependents, gdc_wait, gemv_pdl
 
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 256, 4  # bf16 LM head, H200 sweep: 64-32-16 x 256 within 3 us
 FP8_LAUNCH = (8, 512, 4)  # FP8 linears: (BLOCK_N, BLOCK_K, warps), H200 sweeps in Scout's step (docs/performance.md)
@@ -56,11 +56,14 @@ def fp8_rows_dot(w_ptrs, X, row_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOC
 @triton.jit
 def _gemv_kernel(X, W, Y, SX, SW, N, K, stride_w, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, HALF: tl.constexpr = False, KC: tl.constexpr = 0,
-                 TRIGGER: tl.constexpr = False):
+                 TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
     """HALF (FP8 x and W; K given again as the constexpr KC): `fp8_rows_dot`'s float16 products. TRIGGER: let the
-    next kernel, a PDL launch, start early (kernels/pdl.py `trigger_early`)."""
+    next kernel, a PDL launch, start early (kernels/pdl.py `trigger_early`). PDL: launched as a programmatic
+    dependent (kernels/pdl.py `gemv_pdl`), wait for the kernel before first."""
     if TRIGGER:
         gdc_launch_dependents()
+    if PDL:
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     kk = tl.arange(0, BLOCK_K)
@@ -102,7 +105,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, x_scale if scaled else y, w_scale if scaled else y, n, k,
                                              w.stride(0), HAS_SCALE=scaled, BLOCK_N=block_n, BLOCK_K=block_k,
                                              HALF=half, KC=k if half else 0, TRIGGER=trigger,
-                                             num_warps=num_warps)
+                                             num_warps=num_warps, **(gemv_pdl(w.device) if half else {}))
     return y
 
 

@@ -40,7 +40,7 @@ import triton.language as tl
 from llamaserve.kernels import launch_from_env
 from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
-from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, pdl_args, trigger_early
+from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, gemv_pdl, pdl_args, trigger_early
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
 DOWN_GEMV_LAUNCH = (4, 1024, 4)  # the one-token routed down as a GEMV: (BLOCK_N, BLOCK_K, warps)
@@ -187,12 +187,15 @@ def _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, BLOCK_N: tl.co
 
 @triton.jit
 def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, stride_wn, K: tl.constexpr,
-                      ADD: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ADD: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """The routed down projection of one token as a GEMV (LLAMASERVE_MOE_DOWN_GEMV): program p owns BLOCK_N
     output features of expert ids[0]'s K-contiguous rows, float16 products (kernels/gemv.py `fp8_rows_dot`), then
     both scales and the shared expert's output added as `_decode_gemm_kernel` adds it."""
     if TRIGGER:
         gdc_launch_dependents()
+    if PDL:  # a programmatic dependent (kernels/pdl.py gemv_pdl)
+        gdc_wait()
     scale, rows, row_ok, w_ptrs = _expert_rows(Ids, AScale, WScale, W, N, stride_we, stride_wn, BLOCK_N, BLOCK_K)
     dt = Ref.dtype.element_ty
     y = (fp8_rows_dot(w_ptrs, A, row_ok, K, BLOCK_N, BLOCK_K) * scale).to(dt)
@@ -410,7 +413,7 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
         _down_gemv_kernel[(triton.cdiv(n, bn),)](
             act, down, out, ids, s2, down_scale, add if add is not None else out, x, n, down.stride(0),
             down.stride(2), K=k, ADD=add is not None, TRIGGER=trigger_early(x.device), BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps)
+            num_warps=warps, **gemv_pdl(x.device))
         return out
     _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=add, trigger=trigger_early(x.device))
     return out

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty and 
     # (it asks pdl_args), so neither is ever traced
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "pdl_args", "trigger_early"]
+__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "gemv_pdl", "pdl_args", "trigger_early"]
 
 
 def early_loads() -> bool:
@@ -49,6 +49,14 @@ def trigger_early(device: torch.device) -> bool:
     (kernels/gemv.py: qkv before split attention, o before norm + router; LLAMASERVE_GEMV_TRIGGER=0 turns
     theirs off: Scout's step 0.13 ms faster with it, docs/performance.md)."""
     return bool(pdl_args(device)) and os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
+
+
+def gemv_pdl(device: torch.device) -> dict:
+    """`pdl_args` for the one-token weight GEMVs (kernels/gemv.py's FP8 linears, the routed down GEMV) when
+    LLAMASERVE_GEMV_PDL=1 (an A/B switch, off by default): each launches as a programmatic dependent of the kernel
+    before it and waits (`gdc_wait`) before its first load, so it starts as that kernel ends without the launch
+    gap; the kernels before them do not trigger early, so no GEMV program waits on an SM."""
+    return pdl_args(device) if os.environ.get("LLAMASERVE_GEMV_PDL", "0") == "1" else {}
 
 
 def pdl_args(device: torch.device) -> dict:
