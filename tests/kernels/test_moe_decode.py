@@ -320,3 +320,40 @@ def test_shared_expert_glu_kernel_matches_the_mlp(t, device):
     got = moe._shared(x8, x, decode=True).float()
     assert got.shape == want.shape == (t, 256)
     assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("value", ["routed", "shared", "1"])
+def test_gate_up_gemms_as_pdl_dependents(value, device, monkeypatch):
+    """LLAMASERVE_MOE_GEMM_PDL (an A/B switch, off by default): the routed (`fused_moe`) and shared (`glu_decode`)
+    decode gate-up GEMMs launched as programmatic dependents that wait first (on Hopper GPUs; elsewhere PDL is
+    off and the launch is the same): the same bytes as without, the switch reaches exactly the kinds it names, and
+    an unknown value names itself."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    e, h, inter = 4, 256, 128
+    x, gate_up, down, logits, shared = _inputs(1, h, inter, e, device, 41, dtype)
+    gs, ds = gate_up.float().abs().amax() / 448, down.float().abs().amax() / 448
+    gu8, dn8 = _nk(quantize_fp8(gate_up, gs)), _nk(quantize_fp8(down, ds))
+    args = (gs.expand(e).contiguous(), ds.expand(e).contiguous(), x.float().abs().amax() / 448,
+            torch.tensor(4.0 / 448, device=device))
+    ids, scores = _route(logits, dtype)
+    w, x8 = gu8[0].t(), quantize_fp8(x, args[2])  # a dense gate-up [2I, H], K contiguous
+
+    def run():
+        calls.clear()
+        routed = fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)
+        dense = moe_decode.glu_decode(x8, w, gs, args[2], args[3], x)
+        return routed, dense, list(calls)
+
+    calls = []
+    real_gemm = moe_decode._gemm
+    monkeypatch.setattr(moe_decode, "_gemm", lambda *a, **k: calls.append(k.get("pdl", False)) or real_gemm(*a, **k))
+    monkeypatch.setenv("LLAMASERVE_MOE_GEMM_PDL", "0")
+    routed0, dense0, calls0 = run()
+    monkeypatch.setenv("LLAMASERVE_MOE_GEMM_PDL", value)
+    routed1, dense1, calls1 = run()
+    assert calls0 == [False, False]  # the routed gate-up, then the dense one (the down is the GEMV)
+    assert calls1 == [value in ("routed", "1"), value in ("shared", "1")]
+    assert torch.equal(routed1, routed0) and torch.equal(dense1.view(torch.uint8), dense0.view(torch.uint8))
+    monkeypatch.setenv("LLAMASERVE_MOE_GEMM_PDL", "yes")
+    with pytest.raises(ValueError, match="LLAMASERVE_MOE_GEMM_PDL='yes'"):
+        fm.fused_moe(x, gu8, dn8, ids, scores, *args, shared=shared)
