@@ -41,6 +41,25 @@ CASES = [  # (num_q_heads, num_kv_heads, head_dim, block_size, [(ctx, qlen), ...
 ]
 
 
+def _rope_decode_step(ctx, kv_dtype, variant, device, hq=8, hkv=2, d=64, bs=16):
+    """A decode step of len(ctx) requests for attention with RoPE inside: (dtype, batch, a random cache, the QKV
+    output, RopeInputs with `variant`, k_scale, v_scale)."""
+    from llamaserve.kernels.paged_attention import RopeInputs
+    from llamaserve.layers.rotary import RotaryEmbedding
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 2
+    batch = _batch(ctx, [1] * len(ctx), bs, num_blocks, device, gen)
+    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
+    k_scale, v_scale = (0.05, 0.08) if kv_dtype == "fp8" else (1.0, 1.0)
+    cache = (torch.randn(2, num_blocks * bs, hkv, d, generator=gen) * 3).to(device, dtype).to(cache_dtype)
+    qkv = torch.randn(len(ctx), (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
+    rot = RotaryEmbedding(d, 2 * max(ctx), 10000.0, {}).to(device)
+    rope = RopeInputs(batch.positions, batch.slot_mapping, rot.cos_cache, rot.sin_cache, **variant)
+    return dtype, batch, cache, qkv, rope, k_scale, v_scale
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
 def test_matches_reference(case, kv_dtype, device):
@@ -153,21 +172,10 @@ def test_rope_inside_split_decode_attention(variant, kv_dtype, local, device, mo
     output: the same output and the same cache bytes as rope_and_write_kv followed by attention; other steps
     (LLAMASERVE_ATTN_FUSED_ROPE=0, one split, a prefill) run rope_and_write_kv first and agree too."""
     from llamaserve.kernels import rope_kv
-    from llamaserve.kernels.paged_attention import RopeInputs
-    from llamaserve.layers.rotary import RotaryEmbedding
 
     hq, hkv, d, bs = 8, 2, 64, 16
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
     ctx = [40, 17, 1, 33, 64]
-    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 2
-    batch = _batch(ctx, [1] * len(ctx), bs, num_blocks, device, gen)
-    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
-    k_scale, v_scale = (0.05, 0.08) if kv_dtype == "fp8" else (1.0, 1.0)
-    cache = (torch.randn(2, num_blocks * bs, hkv, d, generator=gen) * 3).to(device, dtype).to(cache_dtype)
-    qkv = torch.randn(len(ctx), (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
-    rot = RotaryEmbedding(d, 256, 10000.0, {}).to(device)
-    rope = RopeInputs(batch.positions, batch.slot_mapping, rot.cos_cache, rot.sin_cache, **variant)
+    dtype, batch, cache, qkv, rope, k_scale, v_scale = _rope_decode_step(ctx, kv_dtype, variant, device)
 
     def run(c, q, splits, **kw):
         return paged_attention(q, c, batch.block_tables, batch.seq_lens, batch.query_start_loc, [1] * len(ctx), bs,
@@ -206,21 +214,9 @@ def test_preloaded_first_tile_same_bytes(variant, kv_dtype, local, device, monke
     PDL wait with the step's own key and value put in from registers gives the same output and cache bytes as
     the default; contexts whose new key lies in a split's first tile, in a later tile (460 keys: 128-key splits),
     alone in its tile, and one token long; chunked attention across a chunk boundary."""
-    from llamaserve.kernels.paged_attention import RopeInputs
-    from llamaserve.layers.rotary import RotaryEmbedding
-
-    hq, hkv, d, bs = 8, 2, 64, 16
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    d, bs = 64, 16
     ctx = [40, 17, 1, 65, 64, 460, 97]
-    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 2
-    batch = _batch(ctx, [1] * len(ctx), bs, num_blocks, device, gen)
-    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
-    k_scale, v_scale = (0.05, 0.08) if kv_dtype == "fp8" else (1.0, 1.0)
-    cache = (torch.randn(2, num_blocks * bs, hkv, d, generator=gen) * 3).to(device, dtype).to(cache_dtype)
-    qkv = torch.randn(len(ctx), (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
-    rot = RotaryEmbedding(d, 512, 10000.0, {}).to(device)
-    rope = RopeInputs(batch.positions, batch.slot_mapping, rot.cos_cache, rot.sin_cache, **variant)
+    _, batch, cache, qkv, rope, k_scale, v_scale = _rope_decode_step(ctx, kv_dtype, variant, device)
     outs, caches = [], []
     for preload in ("0", "1"):
         monkeypatch.setenv("LLAMASERVE_ATTN_PRELOAD", preload)
