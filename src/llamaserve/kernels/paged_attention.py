@@ -214,16 +214,13 @@ def _paged_attn_kernel(
     if FUSED_ROPE:  # the split that holds the step's own position writes its key and value first
         hk = kv_head + tl.arange(0, 2)  # one KV head (a 2-row tile, the second masked)
         hk_ok = tl.arange(0, 2) < 1
-        holds = (ctx - 1 >= lo) & (ctx - 1 < hi)
         if PRELOAD:  # every split: the new key and value in registers too, for its preloaded first tile
             k1, k2, v1, v2 = _new_kv(Q, row_off, hk, hk_ok, half, cos, sin, eps, HQ, HKV, HALF, ROPE, NORM)
-            if holds:
-                _write_kv(K, V, Slots + q_start + tok0, hk, hk_ok, half, k1, k2, v1, v2, stride_kslot, stride_kh,
-                          k_scale, v_scale, HALF, FP8)
             k_new = _cache_row(k1, k2, hk_ok, k_scale, 2 * HALF, FP8)
             v_new = _cache_row(v1, v2, hk_ok, v_scale, 2 * HALF, FP8)
-        elif holds:
-            k1, k2, v1, v2 = _new_kv(Q, row_off, hk, hk_ok, half, cos, sin, eps, HQ, HKV, HALF, ROPE, NORM)
+        if (ctx - 1 >= lo) & (ctx - 1 < hi):
+            if not PRELOAD:  # (with PRELOAD every split has them already)
+                k1, k2, v1, v2 = _new_kv(Q, row_off, hk, hk_ok, half, cos, sin, eps, HQ, HKV, HALF, ROPE, NORM)
             _write_kv(K, V, Slots + q_start + tok0, hk, hk_ok, half, k1, k2, v1, v2, stride_kslot, stride_kh,
                       k_scale, v_scale, HALF, FP8)
         tl.debug_barrier()  # the program's own cache writes precede its key loads
