@@ -92,7 +92,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
     """x [1, K] (any float dtype), w [N, K] with contiguous rows -> x @ w^T [1, N] in `out_dtype` (default w's).
     FP8 operands pass their per-tensor scales (scalar float32 tensors): y = (x @ w^T) * x_scale * w_scale.
     `half`: FP8 x and w only, float16 products (the kernel's HALF; compiled once per K). `trigger`: call
-    `gdc_launch_dependents` first (only where kernels/pdl.py `trigger_early` holds)."""
+    `gdc_launch_dependents` first (only where kernels/pdl.py `trigger_early` holds: the FP8 linears pass
+    `gemv_trigger`)."""
     m, k = x.shape
     n = w.shape[0]
     if m != 1 or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:

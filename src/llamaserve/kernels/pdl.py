@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover - older Triton: pdl_args() is empty and 
     # (it asks pdl_args), so neither is ever traced
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "gemv_pdl", "pdl_args", "trigger_early"]
+__all__ = ["early_loads", "gdc_launch_dependents", "gdc_wait", "gemv_pdl", "gemv_trigger", "pdl_args",
+           "trigger_early"]
 
 
 def early_loads() -> bool:
@@ -46,9 +47,16 @@ def trigger_early(device: torch.device) -> bool:
     `gdc_wait` (metadata, tables, weights) beside this kernel. Needs what `pdl_args` needs;
     LLAMASERVE_PDL_TRIGGER=0 turns it off (an A/B switch). Used by the routed down GEMM of a decode MoE step (its
     dependent: the next layer's input norm), norm + router (the routing kernel) and the one-token FP8 GEMVs
-    (kernels/gemv.py: qkv before split attention, o before norm + router; LLAMASERVE_GEMV_TRIGGER=0 turns
-    theirs off: Scout's step 0.13 ms faster with it, docs/performance.md)."""
+    (`gemv_trigger`)."""
     return bool(pdl_args(device)) and os.environ.get("LLAMASERVE_PDL_TRIGGER", "1") != "0"
+
+
+def gemv_trigger(device: torch.device) -> bool:
+    """`trigger_early` for the one-token FP8 GEMVs (kernels/gemv.py: qkv before split attention, o before norm +
+    router) unless LLAMASERVE_GEMV_TRIGGER=0: their PDL dependents launch beside their last programs and load
+    metadata, RoPE tables and router weights there (Scout FP8 batch 1 on an H200, 2026-12-01, one load: 5.041
+    against 5.174 ms per step; docs/performance.md)."""
+    return os.environ.get("LLAMASERVE_GEMV_TRIGGER", "1") != "0" and trigger_early(device)
 
 
 def gemv_pdl(device: torch.device) -> dict:

@@ -187,12 +187,12 @@ class Fp8LinearMethod:
         if xq.shape[0] == 1 and layer.bias is None and (
                 mode == "gemv" or (mode == "auto" and getattr(layer, "one_token_gemv", False))):
             from llamaserve.kernels import gemv, launch_from_env
-            from llamaserve.kernels.pdl import trigger_early
+            from llamaserve.kernels.pdl import gemv_trigger
 
             launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
             y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
                           out_dtype=layer.out_dtype, half=os.environ.get("LLAMASERVE_FP8_GEMV_HALF", "1") != "0",
-                          trigger=os.environ.get("LLAMASERVE_GEMV_TRIGGER", "1") != "0" and trigger_early(xq.device))
+                          trigger=gemv_trigger(xq.device))
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv
