@@ -207,28 +207,6 @@ def test_rope_inside_split_decode_attention(variant, kv_dtype, local, device, mo
         assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))
 
 
-@pytest.mark.parametrize("variant", [{}, {"qk_norm_eps": 1e-5}, {"rope": False, "temperature": (4.0, 0.1)}])
-@pytest.mark.parametrize("kv_dtype,local", [("model", {}), ("fp8", {}), ("fp8", {"chunk_size": 96})])
-def test_preloaded_first_tile_same_bytes(variant, kv_dtype, local, device, monkeypatch):
-    """LLAMASERVE_ATTN_PRELOAD=1 (split decode with RoPE inside): each split's first key tile loaded before the
-    PDL wait with the step's own key and value put in from registers gives the same output and cache bytes as
-    the default; contexts whose new key lies in a split's first tile, in a later tile (460 keys: 128-key splits),
-    alone in its tile, and one token long; chunked attention across a chunk boundary."""
-    d, bs = 64, 16
-    ctx = [40, 17, 1, 65, 64, 460, 97]
-    _, batch, cache, qkv, rope, k_scale, v_scale = _rope_decode_step(ctx, kv_dtype, variant, device)
-    outs, caches = [], []
-    for preload in ("0", "1"):
-        monkeypatch.setenv("LLAMASERVE_ATTN_PRELOAD", preload)
-        c = cache.clone()
-        outs.append(paged_attention(qkv, c, batch.block_tables, batch.seq_lens, batch.query_start_loc,
-                                    [1] * len(ctx), bs, d**-0.5, k_scale, v_scale, num_splits=4, rope=rope, **local))
-        caches.append(c)
-    assert torch.equal(outs[1].float(), outs[0].float())
-    assert torch.equal(caches[1].view(torch.uint8), caches[0].view(torch.uint8))
-    assert not torch.equal(caches[0].view(torch.uint8), cache.view(torch.uint8))  # the step's keys were written
-
-
 @pytest.mark.parametrize("local,num_splits", [({}, None), ({}, 4), ({"chunk_size": 32}, 4), ({"sliding_window": 20},
                                                                                              None)])
 def test_early_loads_same_bytes(local, num_splits, device, monkeypatch):

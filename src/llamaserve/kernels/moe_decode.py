@@ -143,14 +143,12 @@ def _decode_gemm_kernel(A, W, Out, Ids, AScale, WScale, Add, OScale, Ref, num_pa
                         FP8: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr, QUANT_OUT: tl.constexpr,
                         SINGLE: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRIGGER: tl.constexpr = False,
-                        EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
+                        EARLY: tl.constexpr = False):
     if TRIGGER:  # the next kernel, a PDL launch, may start its part before its wait beside this one
         gdc_launch_dependents()
     o_s = None
     if EARLY and QUANT_OUT:  # the output scale now, not after the loop (pdl.early_loads)
         o_s = tl.load(OScale)
-    if PDL:  # a programmatic dependent (moe_gemm_pdl): the ids and A are the previous kernels' outputs
-        gdc_wait()
     p = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     if SINGLE:  # a dense layer: one "expert" for every row
@@ -211,19 +209,6 @@ def _check_slices(name: str, k: int, block_k: int) -> None:
     if k > HALF_MAX_SLICES * block_k:
         raise ValueError(f"{name}: BLOCK_K = {block_k} cuts K = {k} into more than {HALF_MAX_SLICES} slices "
                          f"(float16 sums could overflow); give a BLOCK_K of at least {-(-k // HALF_MAX_SLICES)}")
-
-
-def moe_gemm_pdl(kind: str) -> bool:
-    """LLAMASERVE_MOE_GEMM_PDL (an A/B switch, not yet timed; off by default): `routed`, `shared` or `1` (both)
-    launch that decode gate-up GEMM as a programmatic dependent that waits before anything of its inputs, as the
-    one-token GEMVs do (kernels/pdl.py `gemv_pdl`, 0.02 ms faster in Scout's step): the kernel before it (the
-    routing kernel; the shared expert's: the previous layer's shared down, behind the fork's event) does not
-    trigger early, so none of its programs waits on an SM. (The decode GEMMs as dependents of kernels that did
-    trigger early measured slower: docs/performance.md.) `kind`: routed or shared."""
-    value = os.environ.get("LLAMASERVE_MOE_GEMM_PDL", "0")
-    if value not in ("0", "1", "routed", "shared"):
-        raise ValueError(f"LLAMASERVE_MOE_GEMM_PDL={value!r}: expected 0, 1, routed or shared")
-    return value in ("1", kind)
 
 
 def down_gemv_launch() -> tuple[int, int, int] | None:
@@ -355,10 +340,9 @@ def decode_config(n: int, k: int, glu: bool, a_bytes: int, w_bytes: int) -> dict
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor | None, n: int, glu: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, ref: torch.Tensor,
           add: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, config: dict | None = None,
-          trigger: bool = False, pdl: bool = False) -> None:
+          trigger: bool = False) -> None:
     """out[p, :n] = A[p] @ W[ids[p]][:, :n] (GLU: silu of those columns times columns n..2n); ids None: every
-    row takes W[0] (a dense layer). `trigger`: let the next kernel launch early (pdl.trigger_early); `pdl`:
-    launch as a programmatic dependent that waits first (`moe_gemm_pdl`)."""
+    row takes W[0] (a dense layer). `trigger`: let the next kernel launch early (pdl.trigger_early)."""
     num_pairs, k = a.shape
     cfg = dict(config or decode_config(n, k, glu, a.element_size(), w.element_size()))
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -371,7 +355,7 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), add.stride(0) if add is not None else 0,
         FP8=fp8, GLU=glu, ADD=add is not None, QUANT_OUT=out_scale is not None, SINGLE=ids is None, EVEN=even,
         PREC="ieee" if w.dtype == torch.float32 else "tf32", BLOCK_M=16, TRIGGER=trigger, EARLY=early_loads(),
-        **cfg, **(pdl_args(a.device) if pdl else {}))
+        **cfg)
 
 
 def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_ids: torch.Tensor | None,
@@ -404,7 +388,7 @@ def fused_moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         router_logits.stride(0) if from_logits else 0, a.stride(0), h, E=num_experts, FROM_LOGITS=from_logits,
         QUANT=fp8, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, EARLY=early_loads(),
         **pdl_args(x.device))
-    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2, pdl=moe_gemm_pdl("routed"))
+    _gemm(a, gate_up, act, ids, inter, True, s1, gate_up_scale, x, out_scale=s2)
     return _down(act, down, ids, x, s2, down_scale, shared, fp8)
 
 
@@ -445,6 +429,5 @@ def glu_decode(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | No
     inter = weight.shape[0] // 2
     assert 0 < t <= DECODE_MAX_PAIRS
     act = torch.empty((t, inter), dtype=torch.float8_e4m3fn if out_scale is not None else ref.dtype, device=x.device)
-    _gemm(x, weight.t().unsqueeze(0), act, None, inter, True, a_scale, w_scale, ref, out_scale=out_scale,
-          pdl=moe_gemm_pdl("shared"))
+    _gemm(x, weight.t().unsqueeze(0), act, None, inter, True, a_scale, w_scale, ref, out_scale=out_scale)
     return act

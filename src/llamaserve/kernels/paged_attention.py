@@ -45,12 +45,9 @@ from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperatur
 def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_head, d, d_ok, stride_kslot,
                 stride_kh,
                 qk_scale, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
-                PREC: tl.constexpr, MASKED: tl.constexpr, blk_lo=None, at_lo=False, k_pre=None, v_pre=None,
-                new_pos=None, k_new=None, v_new=None):
+                PREC: tl.constexpr, MASKED: tl.constexpr, blk_lo=None, at_lo=False):
     """One BLOCK_N tile of keys/values into the online softmax (base 2). MASKED: causal and bounds masks.
-    `blk_lo`: the block-table entries of the program's first tile, loaded earlier; used when `at_lo`. `k_pre` /
-    `v_pre`: that tile's keys and values loaded before the PDL wait (all but position `new_pos`, the step's own,
-    whose key and value `k_new` / `v_new`, float32 values as the cache holds them, come from registers)."""
+    `blk_lo`: the block-table entries of the program's first tile, loaded earlier; used when `at_lo`."""
     pos = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         pos_ok = pos < hi
@@ -66,18 +63,11 @@ def _attn_block(acc, m_i, l_i, q, K, V, table, n0, hi, q_pos, q_lo, row_ok, kv_h
         kv_mask = pos_ok[:, None] & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    if k_pre is not None and at_lo:
-        k, v = k_pre, v_pre
-    else:
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     if FP8:  # q is fp16 here; k_scale is folded into qk_scale and v_scale into the output
         k = k.to(tl.float16)
         v = v.to(tl.float16)
-    if k_pre is not None:  # the step's own key and value (in a loaded tile: the same values the cache holds)
-        new = (pos == new_pos)[:, None]
-        k = tl.where(new, k_new[None, :].to(k.dtype), k)
-        v = tl.where(new, v_new[None, :].to(v.dtype), v)
     s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
     if MASKED:
         causal = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] >= q_lo[:, None]) & pos_ok[None, :] \
@@ -116,16 +106,6 @@ def _write_kv(K, V, Slot, hk, hk_ok, half, k1, k2, v1, v2, stride_kslot, stride_
 
 
 @triton.jit
-def _cache_row(x1, x2, ok, scale, HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
-    """Row ok's halves [x1 | x2] as the cache holds them ([HEAD_DIM] float32 values: FP8-rounded x / scale for an
-    FP8 cache, as `_store_kv` writes them)."""
-    t = tl.reshape(tl.permute(tl.join(x1.to(tl.float32), x2.to(tl.float32)), (0, 2, 1)), (2, HEAD_DIM))
-    if FP8:
-        t = round_e4m3(t / scale)
-    return tl.sum(tl.where(ok[:, None], t, 0.0), axis=0)
-
-
-@triton.jit
 def _paged_attn_kernel(
     Q, K, V, Out, OutScale, Part, PartML, Counter, block_tables, seq_lens, query_start, tile_req, tile_tok,
     scale, k_scale, v_scale, window,
@@ -137,7 +117,6 @@ def _paged_attn_kernel(
     Pos=None, Slots=None, Cos=None, Sin=None, stride_cos=0, eps=0.0, floor_scale=1.0, attn_scale=0.0,
     HQ: tl.constexpr = 1, HKV: tl.constexpr = 1, FUSED_ROPE: tl.constexpr = False, ROPE: tl.constexpr = True,
     NORM: tl.constexpr = False, TEMP: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-    PRELOAD: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -179,13 +158,6 @@ def _paged_attn_kernel(
             out_s = tl.load(OutScale)
         pos_lo = lo + tl.arange(0, BLOCK_N)
         blk_lo = tl.load(block_tables + req * stride_bt + pos_lo // PAGE, mask=pos_lo < hi, other=0)
-    k_pre, v_pre, k_new, v_new = None, None, None, None
-    if PRELOAD:  # (split decode with RoPE inside, EARLY) the first tile's older keys and values: earlier steps'
-        pre_off = (blk_lo.to(tl.int64) * PAGE + pos_lo % PAGE)[:, None] * stride_kslot + kv_head * stride_kh \
-            + d[None, :]
-        pre_mask = ((pos_lo < hi) & (pos_lo != ctx - 1))[:, None] & d_ok[None, :]
-        k_pre = tl.load(K + pre_off, mask=pre_mask, other=0.0)
-        v_pre = tl.load(V + pre_off, mask=pre_mask, other=0.0)
 
     if FUSED_ROPE:  # decode: Q is the QKV projection's output; q rotated here as kernels/rope_kv.py does
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -214,13 +186,8 @@ def _paged_attn_kernel(
     if FUSED_ROPE:  # the split that holds the step's own position writes its key and value first
         hk = kv_head + tl.arange(0, 2)  # one KV head (a 2-row tile, the second masked)
         hk_ok = tl.arange(0, 2) < 1
-        if PRELOAD:  # every split: the new key and value in registers too, for its preloaded first tile
-            k1, k2, v1, v2 = _new_kv(Q, row_off, hk, hk_ok, half, cos, sin, eps, HQ, HKV, HALF, ROPE, NORM)
-            k_new = _cache_row(k1, k2, hk_ok, k_scale, 2 * HALF, FP8)
-            v_new = _cache_row(v1, v2, hk_ok, v_scale, 2 * HALF, FP8)
         if (ctx - 1 >= lo) & (ctx - 1 < hi):
-            if not PRELOAD:  # (with PRELOAD every split has them already)
-                k1, k2, v1, v2 = _new_kv(Q, row_off, hk, hk_ok, half, cos, sin, eps, HQ, HKV, HALF, ROPE, NORM)
+            k1, k2, v1, v2 = _new_kv(Q, row_off, hk, hk_ok, half, cos, sin, eps, HQ, HKV, HALF, ROPE, NORM)
             _write_kv(K, V, Slots + q_start + tok0, hk, hk_ok, half, k1, k2, v1, v2, stride_kslot, stride_kh,
                       k_scale, v_scale, HALF, FP8)
         tl.debug_barrier()  # the program's own cache writes precede its key loads
@@ -234,13 +201,11 @@ def _paged_attn_kernel(
     for n0 in range(lo, full, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
                                     row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
-                                    BLOCK_N, PAGE, FP8, PREC, False, blk_lo, n0 == lo, k_pre, v_pre, ctx - 1,
-                                    k_new, v_new)
+                                    BLOCK_N, PAGE, FP8, PREC, False, blk_lo, n0 == lo)
     for n0 in range(full, hi, BLOCK_N):
         acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, K, V, block_tables + req * stride_bt, n0, hi, q_pos, q_lo,
                                     row_ok, kv_head, d, d_ok, stride_kslot, stride_kh, qk_scale, k_scale, v_scale,
-                                    BLOCK_N, PAGE, FP8, PREC, True, blk_lo, n0 == lo, k_pre, v_pre, ctx - 1,
-                                    k_new, v_new)
+                                    BLOCK_N, PAGE, FP8, PREC, True, blk_lo, n0 == lo)
     if FP8:
         acc = acc * v_scale
     if NUM_SPLITS > 1:  # partial results for _combine_kernel: [tile, kv_head, split, row, d] and (m, l)
@@ -334,14 +299,6 @@ def split_counters(device: torch.device, cells: int) -> torch.Tensor | None:
     if os.environ.get("LLAMASERVE_ATTN_FUSED_COMBINE", "1") == "0":
         return None
     return arrival_counters(device, "attention", cells)
-
-
-def preload_kv() -> bool:
-    """LLAMASERVE_ATTN_PRELOAD=1 (an A/B switch, off, not yet timed): split decode attention with RoPE inside loads
-    each split's first key tile (older keys and values) before its PDL wait and puts the step's own key and value
-    in from registers, so up to 1,024 keys (16 splits of 64) no split loads keys after its wait. Without the
-    registers part it had no effect (docs/performance.md); the kernel now launches beside qkv's last programs."""
-    return os.environ.get("LLAMASERVE_ATTN_PRELOAD", "0") == "1"
 
 
 def num_splits_for(num_programs: int, max_query_len: int) -> int:
@@ -478,8 +435,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; tf32 is unused for 16-bit
         HAS_OUT_SCALE=out_scale is not None, NUM_SPLITS=num_splits,
         LOCAL=1 if chunk_size else 2 if sliding_window else 0, FUSED_COMBINE=counters is not None,
-        SPARSE_MERGE=sparse, EARLY=early_loads(), PRELOAD=fuse_rope and early_loads() and preload_kv(),
-        **pdl_args(q.device),
+        SPARSE_MERGE=sparse, EARLY=early_loads(), **pdl_args(q.device),
         **(_rope_args(rope, num_q_heads, num_kv_heads) if fuse_rope else {}),
         **launch,
     )
