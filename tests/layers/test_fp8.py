@@ -160,3 +160,45 @@ def test_one_token_gemv_dispatch(monkeypatch):
                                     torch.bfloat16)
         torch.testing.assert_close(layer(x[:rows]).float(), want.float(), rtol=2e-2, atol=2e-2)
         assert calls == want_calls, (rows, marked, mode)
+
+
+@pytest.mark.parametrize("mode", ["0", "1", "trigger"])
+def test_norm_into_qkv_gemv_dispatch(mode, monkeypatch):
+    """RMSNorm.into_gemv (LLAMASERVE_NORM_QKV_GEMV): on CUDA a one-row call of a marked static-scaled FP8 layer takes
+    kernels/norm_gemv.py when the switch is on, and gives what the norm then the layer give (within one FP8 input
+    step) and the same next residual; more rows, an unmarked layer, a dynamic input scale, float32 GEMV products,
+    the torch backend, the switch off or the CPU (the one-token GEMVs are CUDA-only) give None."""
+    from llamaserve.layers.norm import RMSNorm
+
+    monkeypatch.setenv("LLAMASERVE_NORM_QKV_GEMV", mode)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(3)
+    layer = QKVParallelLinear(512, 32, 8, 2, False, dtype, QuantConfig(static_input_scales=True)).to(device)
+    for shard in ("q", "k", "v"):
+        rows = 256 if shard == "q" else 64
+        layer.weight.weight_loader(layer.weight, torch.randn(rows, 512) * 0.1, shard)
+        layer.input_scale.weight_loader(layer.input_scale, torch.tensor(4.0 / 448), shard)
+    layer.finalize()
+    layer.one_token_gemv = True
+    norm = RMSNorm(512, 1e-5, dtype, "triton").to(device)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, add, residual = (torch.randn(2, 512, device=device, dtype=dtype) for _ in range(3))
+    fused = norm.into_gemv(x[:1], residual[:1], layer, add[:1])
+    if mode == "0" or device.type != "cuda":
+        assert fused is None
+        return
+    xq, want_residual = norm(x[:1], residual[:1].clone(), out_scale=layer.static_input_scale, add=add[:1])
+    want = layer(xq)
+    y, new_residual = fused
+    assert torch.equal(new_residual, want_residual)
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().mean().item())
+    assert norm.into_gemv(x, residual, layer, add) is None  # two rows
+    assert RMSNorm(512, 1e-5, dtype, "torch").to(device).into_gemv(x[:1], residual[:1], layer) is None
+    monkeypatch.setenv("LLAMASERVE_FP8_GEMV_HALF", "0")
+    assert norm.into_gemv(x[:1], residual[:1], layer) is None
+    monkeypatch.delenv("LLAMASERVE_FP8_GEMV_HALF")
+    layer.one_token_gemv = False
+    assert norm.into_gemv(x[:1], residual[:1], layer) is None
+    layer.one_token_gemv, layer.input_scale = True, None
+    assert norm.into_gemv(x[:1], residual[:1], layer) is None
