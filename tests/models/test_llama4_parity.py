@@ -142,28 +142,3 @@ def test_dummy_fp8_llama4_experts(tiny_llama4_dir):
     ids = torch.randint(3, 512, (50,), generator=torch.Generator().manual_seed(5)).tolist()
     a, b = prefill_logits(ref, ids), prefill_logits(fp8, ids)
     assert ((a - b).norm() / a.norm()).item() < 0.1
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-token FP8 GEMVs, and so the norm inside qkv's, "
-                    "run on CUDA only; the kernel is tested on the CPU in tests/kernels/test_norm_gemv.py")
-def test_norm_inside_qkv_gemv_decode(tiny_llama4_dir, monkeypatch):
-    """LLAMASERVE_NORM_QKV_GEMV=1 (models/llama4.py: a one-token layer's input norm inside its qkv GEMV): a dummy
-    FP8 Llama 4 (seeded weights, the same in both loads) decodes the same greedy tokens with logprobs close to
-    those of the norm kernel + GEMV, and the fused kernel is taken."""
-    from llamaserve.kernels import norm_gemv
-
-    calls = []
-    real = norm_gemv.norm_gemv
-    monkeypatch.setattr(norm_gemv, "norm_gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    sp = SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True)
-    runs = []
-    for mode in ("0", "1"):
-        monkeypatch.setenv("LLAMASERVE_NORM_QKV_GEMV", mode)
-        llm = LLM(str(tiny_llama4_dir), load_format="dummy", quantization="fp8", num_kv_blocks=32, max_num_tokens=64)
-        out = llm.generate(list(range(5, 30)), sp)[0].outputs[0]
-        runs.append((out.token_ids, [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]))
-        if mode == "0":
-            assert not calls
-    assert calls and all(shape[0] == 1 for shape in calls)
-    assert runs[1][0] == runs[0][0]
-    torch.testing.assert_close(torch.tensor(runs[1][1]), torch.tensor(runs[0][1]), rtol=0.05, atol=0.05)

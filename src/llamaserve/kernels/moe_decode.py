@@ -40,7 +40,6 @@ import triton.language as tl
 from llamaserve.kernels import launch_from_env
 from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
-from llamaserve.kernels.norm_gemv import norm_qkv_mode
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, gemv_pdl, pdl_args, trigger_early
 
 DECODE_MAX_PAIRS = 16  # one 16-row tile holds every token of the step
@@ -413,8 +412,7 @@ def _down(act: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, x: torch.Ten
         _check_slices("LLAMASERVE_MOE_DOWN_GEMV", k, bk)
         _down_gemv_kernel[(triton.cdiv(n, bn),)](
             act, down, out, ids, s2, down_scale, add if add is not None else out, x, n, down.stride(0),
-            down.stride(2), K=k, ADD=add is not None, TRIGGER=trigger_early(x.device) and norm_qkv_mode() != "1",
-            BLOCK_N=bn, BLOCK_K=bk,
+            down.stride(2), K=k, ADD=add is not None, TRIGGER=trigger_early(x.device), BLOCK_N=bn, BLOCK_K=bk,
             num_warps=warps, **gemv_pdl(x.device))
         return out
     _gemm(act, down, out, ids, down.shape[2], False, s2, down_scale, x, add=add, trigger=trigger_early(x.device))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamaserve.layers.quantization import Fp8LinearMethod, gemv_half, gemv_launch, quantize_fp8
+from llamaserve.layers.quantization import quantize_fp8
 
 
 class RMSNorm(nn.Module):
@@ -45,20 +45,3 @@ class RMSNorm(nn.Module):
         if fp8_copy is not None:
             out = (out, quantize_fp8(y, fp8_copy))
         return out if residual is None else (out, residual)
-
-    def into_gemv(self, x: torch.Tensor, residual: torch.Tensor, linear: nn.Module,
-                  add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(linear(norm(x + add + residual)), x + add + residual) in one kernel (kernels/norm_gemv.py) when
-        LLAMASERVE_NORM_QKV_GEMV is on and `linear` takes a static-scaled FP8 input whose one-row call goes to the
-        FP8 GEMV with float16 products (layers/quantization.py); else None (then the norm, then the linear)."""
-        from llamaserve.kernels.norm_gemv import norm_gemv, norm_qkv_mode, norm_qkv_pre
-        from llamaserve.kernels.pdl import gemv_trigger
-
-        if self.backend != "triton" or norm_qkv_mode() == "0" or not isinstance(linear.method, Fp8LinearMethod) \
-                or linear.input_scale is None or not gemv_half():
-            return None
-        launch = gemv_launch(linear, x)
-        if launch is None:
-            return None
-        return norm_gemv(x, add, residual, self.weight, self.eps, linear.input_scale, linear.weight,
-                         linear.weight_scale, linear.out_dtype, launch, norm_qkv_pre(), gemv_trigger(x.device))

@@ -143,25 +143,6 @@ def small_m_mode() -> str:
     return mode
 
 
-def gemv_half() -> bool:
-    """The FP8 GEMV's float16 products (kernels/gemv.py HALF) unless LLAMASERVE_FP8_GEMV_HALF=0."""
-    return os.environ.get("LLAMASERVE_FP8_GEMV_HALF", "1") != "0"
-
-
-def gemv_launch(layer: nn.Module, x: torch.Tensor) -> tuple[int, int, int] | None:
-    """kernels/gemv.py's launch (BLOCK_N, BLOCK_K, warps) when an FP8 layer's call on x [T, K] takes the one-row
-    GEMV (module docstring: one row on CUDA, no bias, LLAMASERVE_FP8_SMALL_M `gemv`, or `auto` on a layer marked
-    `one_token_gemv`), else None."""
-    if not (x.is_cuda and x.shape[0] == 1) or layer.bias is not None:
-        return None
-    mode = small_m_mode()
-    if not (mode == "gemv" or (mode == "auto" and getattr(layer, "one_token_gemv", False))):
-        return None
-    from llamaserve.kernels import gemv, launch_from_env
-
-    return launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
-
-
 class Fp8LinearMethod:
     """W8A8 FP8 per-tensor. See the module docstring for the layout."""
 
@@ -203,13 +184,15 @@ class Fp8LinearMethod:
         shape = xq.shape
         xq = xq.reshape(-1, shape[-1])
         mode = small_m_mode() if xq.is_cuda and xq.shape[0] <= 16 else "cublas"
-        launch = gemv_launch(layer, xq)
-        if launch is not None:
-            from llamaserve.kernels import gemv
+        if xq.shape[0] == 1 and layer.bias is None and (
+                mode == "gemv" or (mode == "auto" and getattr(layer, "one_token_gemv", False))):
+            from llamaserve.kernels import gemv, launch_from_env
             from llamaserve.kernels.pdl import gemv_trigger
 
+            launch = launch_from_env("LLAMASERVE_FP8_GEMV", gemv.FP8_LAUNCH, gemv.LAUNCH_FIELDS)
             y = gemv.gemv(xq, layer.weight, *launch, x_scale=sx, w_scale=layer.weight_scale,
-                          out_dtype=layer.out_dtype, half=gemv_half(), trigger=gemv_trigger(xq.device))
+                          out_dtype=layer.out_dtype, half=os.environ.get("LLAMASERVE_FP8_GEMV_HALF", "1") != "0",
+                          trigger=gemv_trigger(xq.device))
             return y.reshape(*shape[:-1], y.shape[-1])
         if mode == "triton":
             from llamaserve.kernels.fp8_gemv import fp8_gemv

@@ -82,10 +82,8 @@ class Llama4Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend,
                               chunk_size=chunk)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | None, batch: ForwardBatch,
-                qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """x: the normalized hidden states, or None with `qkv` (the projection already computed)."""
-        qkv = self.qkv_proj(x) if qkv is None else qkv
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
         t, d = qkv.shape[0], self.head_dim
         attn = self.attn
         if attn.backend == "triton" and attn.kv_cache is not None and not d & (d - 1):
@@ -130,19 +128,14 @@ class Llama4DecoderLayer(nn.Module):
         `PendingSum`, at decode size): the input norm adds them with the residual."""
         # the norms write FP8 directly when the next projection takes a static-scaled FP8 input (the MoE's router
         # and experts take the bf16 output, its shared expert a second, FP8 copy)
-        qkv_proj = self.self_attn.qkv_proj
-        qkv = None
+        qkv_scale = self.self_attn.qkv_proj.static_input_scale
         if residual is None:
             residual = x
-            x = self.input_layernorm(x, out_scale=qkv_proj.static_input_scale)
+            x = self.input_layernorm(x, out_scale=qkv_scale)
         else:
             x, add = pending(x)
-            fused = self.input_layernorm.into_gemv(x, residual, qkv_proj, add)  # one token: norm inside qkv
-            if fused is not None:
-                (qkv, residual), x = fused, None
-            else:
-                x, residual = self.input_layernorm(x, residual, out_scale=qkv_proj.static_input_scale, add=add)
-        x = self.self_attn(positions, x, batch, qkv=qkv)
+            x, residual = self.input_layernorm(x, residual, out_scale=qkv_scale, add=add)
+        x = self.self_attn(positions, x, batch)
         ff = self.feed_forward
         if isinstance(ff, Llama4MoE):  # router and experts take bf16; the shared expert an FP8 copy, if static
             shared_scale = ff.shared_expert.gate_up_proj.static_input_scale
