@@ -1,10 +1,11 @@
-"""Batch-1 decode step time of one model under several environment switches, from one model load.
+"""Decode step time (batch 1, or BATCH) of one model under several environment switches, from one model load.
 
     PYTHONPATH=src MODEL=llama-4-scout python3 benchmarks/decode_variants.py "A=1,B=0" "A=0" ...
     # each argument: comma-separated NAME=VALUE settings (or "default"); writes $OUT/decode_variants.json
 
-For each variant the settings are put in the environment, batch 1's CUDA graph is captured again (the switches
-are read while a graph is captured), and one request of 128 prompt tokens (PROMPT_LEN sets another) decodes:
+For each variant the settings are put in the environment, the batch's CUDA graph is captured again (the switches
+are read while a graph is captured), and BATCH requests (default 1) of 128 prompt tokens each (PROMPT_LEN sets
+another) decode together:
 3 rounds of 40 steps timed with a device sync at each end (median reported), FP8 weights and FP8 KV cache
 (`--quantization fp8`).
 """
@@ -23,9 +24,10 @@ from llamaserve import LLM, SamplingParams
 from llamaserve.executor.cuda_graphs import CudaGraphRunner
 
 
-def step_ms(llm: LLM, prompt_len: int, rounds: int = 3, steps: int = 40) -> list[float]:
+def step_ms(llm: LLM, prompt_len: int, batch: int = 1, rounds: int = 3, steps: int = 40) -> list[float]:
     params = SamplingParams(max_tokens=rounds * steps + 20, ignore_eos=True, temperature=0)
-    llm.add_request([(7 * j) % 100000 + 10 for j in range(prompt_len)], params)
+    for i in range(batch):
+        llm.add_request([(7 * j + 13 * i) % 100000 + 10 for j in range(prompt_len)], params)
     for _ in range(8):  # prefill, settle into decode
         llm.step()
     times = []
@@ -43,8 +45,9 @@ def step_ms(llm: LLM, prompt_len: int, rounds: int = 3, steps: int = 40) -> list
 
 def main() -> None:
     model = os.environ.get("MODEL", "llama-4-scout")
+    batch = int(os.environ.get("BATCH", "1"))
     llm = LLM(model, load_format="dummy", quantization="fp8", kv_cache_dtype="fp8", max_seq_len=2304,
-              max_batch_size=1, kv_cache_free_gpu_memory_fraction=0.5)
+              max_batch_size=batch, kv_cache_free_gpu_memory_fraction=0.5)
     runner = llm.engine.runner
     prompt_len = int(os.environ.get("PROMPT_LEN", "128"))
     results = []
@@ -56,11 +59,11 @@ def main() -> None:
         runner.graphs = None
         del old
         torch.cuda.empty_cache()
-        runner.graphs = CudaGraphRunner(runner.model, [1], True, runner.block_size,
+        runner.graphs = CudaGraphRunner(runner.model, [batch], True, runner.block_size,
                                         -(-llm.config.scheduler_config.max_seq_len // runner.block_size),
                                         runner.num_blocks * runner.block_size, runner.device)
         runner.graphs.capture(quiet=True)
-        times = step_ms(llm, prompt_len)
+        times = step_ms(llm, prompt_len, batch)
         res = {"variant": spec, "step_ms_median": round(statistics.median(times), 4), "rounds_ms": times}
         print(json.dumps(res), flush=True)
         results.append(res)
@@ -69,7 +72,7 @@ def main() -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    out = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": 1, "prompt_len": prompt_len,
+    out = {"device": torch.cuda.get_device_name(0), "model": model, "batch_size": batch, "prompt_len": prompt_len,
            "results": results}
     with open(os.path.join(os.environ.get("OUT", "."), "decode_variants.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamaserve.kernels import fused_moe as fm
 from llamaserve.kernels.fused_moe import align_by_expert, fused_moe
 from llamaserve.layers.moe import fused_experts_torch
 from llamaserve.layers.quantization import FP8, quantize_fp8
@@ -211,3 +212,31 @@ def test_bf16_large_batch_blocks(device):
     got = fused_moe(x, gate_up, down, top_ids, scores)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("gate_up_launch,down_launch", [("32x32x2x2x1", "32x64x4x3x2"), ("64x16x4x4x4", "16x32x2x2x1")])
+def test_launch_overrides(gate_up_launch, down_launch, device, monkeypatch):
+    """LLAMASERVE_FUSED_MOE_GATE_UP / _DOWN (A/B switches for steps of more than 16 pairs) change the GEMMs' tiles,
+    stages and split-K and keep the result: against the reference, top-1 (the down GEMM's direct or split path) and
+    top-2; a malformed value or one whose stages overflow shared memory names itself."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(11)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    monkeypatch.setenv("LLAMASERVE_FUSED_MOE_GATE_UP", gate_up_launch)
+    monkeypatch.setenv("LLAMASERVE_FUSED_MOE_DOWN", down_launch)
+    configs = []
+    real = fm._gemm
+    monkeypatch.setattr(fm, "_gemm", lambda *a, **kw: configs.append(kw["config"]) or real(*a, **kw))
+    for t, k in ((37, 1), (20, 2)):
+        x, gate_up, down, top_ids, scores = _inputs(t, 64, 48, 6, k, dtype, device, gen)
+        want = fused_experts_torch(x, gate_up, down, top_ids, scores)
+        got = fused_moe(x, gate_up, down, top_ids, scores)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+    seen = ["x".join(str(c[f]) for f in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")) for c in configs]
+    assert seen == [gate_up_launch, down_launch] * 2
+    monkeypatch.setenv("LLAMASERVE_FUSED_MOE_DOWN", "32x64x4")
+    with pytest.raises(ValueError, match="LLAMASERVE_FUSED_MOE_DOWN='32x64x4'"):
+        fused_moe(x, gate_up, down, top_ids, scores)
+    monkeypatch.setenv("LLAMASERVE_FUSED_MOE_DOWN", "256x1024x4x8x1")
+    with pytest.raises(ValueError, match="shared memory"):
+        fused_moe(x, gate_up, down, top_ids, scores)

@@ -24,13 +24,14 @@ Top-1 steps of at most `moe_decode.DECODE_MAX_PAIRS` tokens (decode at small bat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from llamaserve.kernels import moe_decode
+from llamaserve.kernels import launch_from_env, moe_decode
 from llamaserve.kernels.norm_act import round_e4m3, silu_and_mul
 
 ALIGN_MAX_PAIRS = 4096  # above this the torch alignment runs (prefill-sized steps, outside CUDA graphs)
@@ -292,6 +293,24 @@ def _launch(num_pairs: int, n: int, k: int, num_experts: int, a_bytes: int = 1, 
             "SPLIT_K": split}
 
 
+def launch_override(name: str, cfg: dict, a_bytes: int, w_bytes: int) -> dict:
+    """`cfg` with BLOCK_N, BLOCK_K, warps, stages and SPLIT_K from the environment variable `name`
+    (LLAMASERVE_FUSED_MOE_GATE_UP / LLAMASERVE_FUSED_MOE_DOWN = "BLOCK_NxBLOCK_KxWARPSxSTAGESxSPLIT_K", e.g.
+    128x256x4x4x1; an A/B switch for sweeps inside a model step, benchmarks/decode_variants.py with BATCH); unset:
+    `cfg` as it is. BLOCK_M stays `_launch`'s (the alignment pads to it)."""
+    default = (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"], cfg["SPLIT_K"])
+    values = launch_from_env(name, default, "BLOCK_NxBLOCK_KxWARPSxSTAGESxSPLIT_K")
+    if values == default:
+        return cfg
+    block_n, block_k, warps, stages, split = values
+    if stages * block_k * (cfg["BLOCK_M"] * a_bytes + block_n * w_bytes) > SMEM_BYTES:
+        raise ValueError(f"{name}={os.environ.get(name)!r}: {stages} stages of {block_k}-wide K steps for "
+                         f"{cfg['BLOCK_M']} x {block_n} tiles need more than {SMEM_BYTES} bytes of shared memory; "
+                         "use fewer stages or narrower steps")
+    return {**cfg, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
+            "SPLIT_K": split}
+
+
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
           block_expert: torch.Tensor, scores: torch.Tensor, top_k: int, a_per_token: bool, mul_score: bool,
           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, block_m: int,
@@ -338,7 +357,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
     fp8 = gate_up.dtype == torch.float8_e4m3fn
     prequant = fp8 and num_pairs >= PREQUANT_MIN_PAIRS
     a_bytes = 1 if prequant else x.element_size()
-    cfg1 = _launch(num_pairs, two_i, h, num_experts, a_bytes, gate_up.element_size())
+    cfg1 = launch_override("LLAMASERVE_FUSED_MOE_GATE_UP", _launch(num_pairs, two_i, h, num_experts, a_bytes,
+                                                                   gate_up.element_size()),
+                           a_bytes, gate_up.element_size())
     block_m = cfg1["BLOCK_M"]
     if router_logits is not None:
         _, scores, sorted_pairs, block_expert = route_top1(router_logits, block_m)
@@ -368,8 +389,10 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_id
             act = _silu_mul(inter, s2, x)
     else:
         act = _silu_mul(inter, None, x)
-    cfg2 = {**_launch(num_pairs, h, two_i // 2, num_experts, 1 if fp8 else x.element_size(), down.element_size()),
-            "BLOCK_M": block_m}
+    a2_bytes = 1 if fp8 else x.element_size()
+    cfg2 = launch_override("LLAMASERVE_FUSED_MOE_DOWN",
+                           {**_launch(num_pairs, h, two_i // 2, num_experts, a2_bytes, down.element_size()),
+                            "BLOCK_M": block_m}, a2_bytes, down.element_size())
     split2 = cfg2["SPLIT_K"]
     direct = split2 == 1 and top_k == 1
     out = torch.empty((t, h) if direct else (split2, num_pairs, h) if split2 > 1 else (num_pairs, h),
