@@ -18,7 +18,9 @@ Few tokens leave most of the GPU idle (one expert's weights, a long serial K loo
 over `split_k` programs that write float32 partials; the SiLU-and-mul kernel and the final reduction sum them.
 The down GEMM adds the shared expert's output in its epilogue (top-1, no split), else `_reduce_kernel` sums the
 split partials and the k experts of a token and adds it. Launch parameters: `_launch` (an H200 sweep on Scout
-shapes, benchmarks/moe_bench.py). Reference: layers/moe.py `fused_experts_torch` / `fused_experts_fp8_torch`.
+shapes, benchmarks/moe_bench.py); LLAMASERVE_FUSED_MOE_GATE_UP / _DOWN override them (`launch_override`: at
+batch 128 in Scout's step no other launch was 1.5% faster, docs/performance.md). Reference: layers/moe.py
+`fused_experts_torch` / `fused_experts_fp8_torch`.
 Top-1 steps of at most `moe_decode.DECODE_MAX_PAIRS` tokens (decode at small batch) go to kernels/moe_decode.py.
 """
 
