@@ -302,15 +302,9 @@ def split_counters(device: torch.device, cells: int) -> torch.Tensor | None:
 
 
 def num_splits_for(num_programs: int, max_query_len: int) -> int:
-    """KV splits for a step: only decode steps whose grid would leave most SMs idle (about 2 waves of 132).
-    LLAMASERVE_ATTN_WIDE_SPLITS (an A/B switch, default 1) splits the wider decode grids too."""
-    if max_query_len != 1:
+    """KV splits for a step: only decode steps whose grid would leave most SMs idle (about 2 waves of 132)."""
+    if max_query_len != 1 or num_programs >= 128:
         return 1
-    if num_programs >= 128:
-        value = os.environ.get("LLAMASERVE_ATTN_WIDE_SPLITS", "1")
-        if not value.isdigit() or not 1 <= int(value) <= 16:
-            raise ValueError(f"LLAMASERVE_ATTN_WIDE_SPLITS={value!r}: expected an integer from 1 to 16")
-        return int(value)
     return min(16, triton.next_power_of_2(max(1, 256 // num_programs)))
 
 
