@@ -28,7 +28,7 @@ def step_ms(llm: LLM, prompt_len: int, batch: int = 1, rounds: int = 3, steps: i
     params = SamplingParams(max_tokens=rounds * steps + 20, ignore_eos=True, temperature=0)
     for i in range(batch):
         llm.add_request([(7 * j + 13 * i) % 100000 + 10 for j in range(prompt_len)], params)
-    for _ in range(8):  # prefill, settle into decode
+    for _ in range(8 + batch * prompt_len // 8192):  # prefill (8,192-token steps), settle into decode
         llm.step()
     times = []
     for _ in range(rounds):

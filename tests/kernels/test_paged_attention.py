@@ -229,3 +229,30 @@ def test_early_loads_same_bytes(local, num_splits, device, monkeypatch):
                                     d**-0.5, 0.05, 0.08, num_splits=num_splits, out_scale=out_scale, **local))
     assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8))
     assert outs[0].float().abs().sum() > 0
+
+
+def test_unsplit_decode_launch_override(device, monkeypatch):
+    """LLAMASERVE_ATTN_DECODE_LAUNCH (an A/B switch for unsplit decode steps, the wide batches): other key tiles,
+    warps and stages give the same attention within rounding (FP8 cache, 1-130 keys); a malformed value names
+    itself, and split steps do not read it."""
+    hq, hkv, d, bs = 4, 2, 32, 16
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    ctx, ql = [130, 5, 17, 64, 1], [1] * 5
+    num_blocks = sum((c + bs - 1) // bs for c in ctx) + 3
+    batch = _batch(ctx, ql, bs, num_blocks, device, gen)
+    cache = torch.randn(2, num_blocks * bs, hkv, d, generator=gen).to(device, dtype).to(torch.float8_e4m3fn)
+    q = torch.randn(sum(ql), hq, d, generator=gen).to(device, dtype)
+
+    def run(num_splits=1):
+        return paged_attention(q, cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, ql, bs, d**-0.5,
+                               0.05, 0.08, num_splits=num_splits).float()
+
+    want = run()
+    for launch in ("64x4x2", "16x2x4"):
+        monkeypatch.setenv("LLAMASERVE_ATTN_DECODE_LAUNCH", launch)
+        torch.testing.assert_close(run(), want, atol=2e-2, rtol=2e-2)
+    monkeypatch.setenv("LLAMASERVE_ATTN_DECODE_LAUNCH", "64x4")
+    with pytest.raises(ValueError, match="LLAMASERVE_ATTN_DECODE_LAUNCH='64x4'"):
+        run()
+    assert run(num_splits=4).shape == want.shape  # split steps keep their own launch

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.device_utils import arrival_counters, h2d
-from llamaserve.kernels import rope_kv
+from llamaserve.kernels import launch_from_env, rope_kv
 from llamaserve.kernels.norm_act import round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_wait, pdl_args
 from llamaserve.kernels.rope_kv import _cos_sin, _rotate, _store_kv, _temperature
@@ -412,6 +412,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         block_n, warps, stages = 128, 8, 3
     if head_dim > 128 or q.dtype == torch.float32:  # keep K/V stages within shared memory (232 KB on H100/H200)
         block_n, stages = min(block_n, 32), min(stages, 2)
+    if decode and counters is None:  # unsplit decode (wide batches): LLAMASERVE_ATTN_DECODE_LAUNCH, an A/B switch
+        block_n, warps, stages = launch_from_env("LLAMASERVE_ATTN_DECODE_LAUNCH", (block_n, warps, stages),
+                                                 "BLOCK_NxWARPSxSTAGES")
     launch.setdefault("num_warps", warps)
     launch.setdefault("num_stages", stages)
     block_n = launch.pop("BLOCK_N", block_n)
