@@ -256,3 +256,12 @@ def test_unsplit_decode_launch_override(device, monkeypatch):
     with pytest.raises(ValueError, match="LLAMASERVE_ATTN_DECODE_LAUNCH='64x4'"):
         run()
     assert run(num_splits=4).shape == want.shape  # split steps keep their own launch
+
+
+@pytest.mark.parametrize("hq", [8, 10])
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_unsplit_decode_each_group_launch(hq, kv_dtype, device):
+    """Unsplit decode (the wide batches' path) takes its launch from the query group: FP8 caches run 64-key tiles x
+    2 warps for a group that is not a power of two (Llama 4's 5; here 10 / 2) and 32 x 1 for 4; both match the
+    reference."""
+    _check_case((hq, 2, 64, 16, [(130, 1), (5, 1), (77, 1), (1, 1)]), kv_dtype, device, num_splits=1)

@@ -400,16 +400,21 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     counters = split_counters(q.device, n_tiles * num_kv_heads) if num_splits > 1 else None
     # defaults from the H200 sweeps: decode is bandwidth-bound (benchmarks/kernels_bench.py, SWEEP=1; bf16 KV:
-    # 64-key tiles, 4 warps, 2 stages; FP8 KV: 64-key tiles, 2 warps, 3 stages, from a whole-step sweep of Scout
-    # at batch 128 and ~1,550 tokens, benchmarks/decode_variants.py: 35.6 ms against 37.7 for the 32 x 1 x 3 that
-    # an 8B kernel sweep had picked, 38.6 for 64 x 4 x 2 and 64 x 1 x 3), except split FP8 decodes merged
+    # 64-key tiles, 4 warps, 2 stages; FP8 KV: 32-key tiles, 1 warp, 3 stages, but 64-key tiles, 2 warps,
+    # 3 stages for a query group that is not a power of two (Llama 4's 5): whole steps at batch 128 and ~1,550
+    # tokens, benchmarks/decode_variants.py: Scout 35.6 ms against 37.7 with 32 x 1 x 3 (batch 64: 30.4 against
+    # 33.6), while Llama-3.1-8B (group 4) ran 7.2 against 7.6-7.8 ms and Llama-3.3-70B (group 8) 32.9 against
+    # 34.0-34.3 with 32 x 1 x 3; docs/performance.md), except split FP8 decodes merged
     # in the kernel (batch 1 of Llama 4 Scout, benchmarks/decode_bench.py: 64-key tiles, 8 warps: 7.4 / 8.7 us at
     # 256 / 2,048 tokens against 11.2 / 15.3 with 1 warp and the combine kernel); prefill: 128 x 128 tiles,
     # 8 warps, 3 stages
     if decode and fp8 and counters is not None:
         block_n, warps, stages = 64, 8, 3
     elif decode:
-        block_n, warps, stages = (64, 2, 3) if fp8 else (64, 4, 2)
+        if fp8:
+            block_n, warps, stages = (64, 2, 3) if group & (group - 1) else (32, 1, 3)
+        else:
+            block_n, warps, stages = 64, 4, 2
     else:
         block_n, warps, stages = 128, 8, 3
     if head_dim > 128 or q.dtype == torch.float32:  # keep K/V stages within shared memory (232 KB on H100/H200)
