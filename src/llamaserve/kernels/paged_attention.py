@@ -410,11 +410,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     # 8 warps, 3 stages
     if decode and fp8 and counters is not None:
         block_n, warps, stages = 64, 8, 3
+    elif decode and fp8:
+        block_n, warps, stages = (64, 2, 3) if group & (group - 1) else (32, 1, 3)
     elif decode:
-        if fp8:
-            block_n, warps, stages = (64, 2, 3) if group & (group - 1) else (32, 1, 3)
-        else:
-            block_n, warps, stages = 64, 4, 2
+        block_n, warps, stages = 64, 4, 2
     else:
         block_n, warps, stages = 128, 8, 3
     if head_dim > 128 or q.dtype == torch.float32:  # keep K/V stages within shared memory (232 KB on H100/H200)
