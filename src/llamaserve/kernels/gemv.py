@@ -36,6 +36,11 @@ LAUNCH_FIELDS = "BLOCK_NxBLOCK_KxWARPS"  # how LLAMASERVE_LM_HEAD_GEMV / LLAMASE
 HALF_MAX_SLICES = 300  # `fp8_rows_dot`: K / BLOCK_K products per float16 lane at most (196 each, under 65,504)
 
 
+def half_fits(k: int, block_k: int) -> bool:
+    """Whether `fp8_rows_dot`'s float16 lanes can sum K in BLOCK_K-wide slices (at most HALF_MAX_SLICES of them)."""
+    return k <= HALF_MAX_SLICES * block_k
+
+
 @triton.jit
 def fp8_rows_dot(w_ptrs, X, row_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[rows] @ x for a program's BLOCK_N FP8 rows (`w_ptrs`: their first BLOCK_K-wide slice, K contiguous) and
@@ -101,7 +106,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = BLOCK_N, block_k: int 
                          f"(strides {x.stride()}) and w {tuple(w.shape)} (strides {w.stride()})")
     if (x_scale is None) != (w_scale is None):
         raise ValueError("gemv: give both x_scale and w_scale, or neither")
-    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn and k <= HALF_MAX_SLICES * block_k):
+    if half and not (x.dtype == w.dtype == torch.float8_e4m3fn and half_fits(k, block_k)):
         raise ValueError(f"gemv: half=True takes FP8 x and w with K <= {HALF_MAX_SLICES} * block_k, got {x.dtype} "
                          f"and {w.dtype}, K = {k}, block_k = {block_k} (for the FP8 linears LLAMASERVE_FP8_GEMV sets "
                          f"block_k, LLAMASERVE_FP8_GEMV_HALF=0 sums in float32 instead)")

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from llamaserve.kernels import launch_from_env
-from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot
+from llamaserve.kernels.gemv import HALF_MAX_SLICES, fp8_rows_dot, half_fits
 from llamaserve.kernels.norm_act import _store_out, norm_warps, rms_normalize, round_e4m3
 from llamaserve.kernels.pdl import early_loads, gdc_launch_dependents, gdc_wait, gemv_pdl, pdl_args, trigger_early
 
@@ -205,8 +205,8 @@ def _down_gemv_kernel(A, W, Out, Ids, AScale, WScale, Add, Ref, N, stride_we, st
 
 
 def _check_slices(name: str, k: int, block_k: int) -> None:
-    """The float16 row dot's bound (kernels/gemv.py `fp8_rows_dot`, HALF_MAX_SLICES slices of K per lane)."""
-    if k > HALF_MAX_SLICES * block_k:
+    """The float16 row dot's bound (kernels/gemv.py `half_fits`), named for the launch switch that set BLOCK_K."""
+    if not half_fits(k, block_k):
         raise ValueError(f"{name}: BLOCK_K = {block_k} cuts K = {k} into more than {HALF_MAX_SLICES} slices "
                          f"(float16 sums could overflow); give a BLOCK_K of at least {-(-k // HALF_MAX_SLICES)}")
 
